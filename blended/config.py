@@ -1,0 +1,72 @@
+"""Every default of an edit in one frozen dataclass (the CLI flags and UI sliders derive from it)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+BACKGROUND_METHODS = ("none", "stitch", "poisson", "latent", "decoder")
+SCHEDULERS = ("ddim", "dpm++", "euler")
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """Settings of one edit. Model-specific recommendations (``blended.json`` in a model folder) override these."""
+
+    negative_prompt: str = ""  # what classifier-free guidance steers away from
+    num_candidates: int = 4  # images generated per edit; candidate i uses seed `seed + i`
+    num_inference_steps: int = 50  # scheduler steps of the full schedule (before `blend_start` skips some)
+    guidance_scale: float = 7.5  # classifier-free guidance weight; 1 disables the unconditional pass
+    seed: int = 0  # base seed; the same seed and settings give the same images
+    blend_start: float = 0.25  # fraction of the schedule skipped: start from z_init noised there (paper §3)
+    shrink: bool = True  # progressive mask shrinking (paper §4.1)
+    shrink_kernels: tuple[int, ...] = (7, 5, 3, 1)  # latent dilation kernels over equal parts of the steps; 1 = true mask
+    scheduler: str = "ddim"  # one of SCHEDULERS; any diffusers scheduler with `add_noise` fits the loop
+    batch_size: int = 4  # candidates denoised together (bounds memory; results do not depend on it)
+    mask_threshold: float = 0.5  # mask pixels above this (0..1 of the channel's range) are edited
+    invert_mask: bool = False  # edit where the mask is black instead of white
+    crop_margin: int = 32  # pixels of context around the mask's box when an oversized image is cropped
+    background: str = "none"  # background reconstruction, one of BACKGROUND_METHODS (paper §4.2)
+    feather: int = 8  # seam width in pixels for `stitch` and for pasting a crop back
+    decoder_steps: int = 75  # Adam steps of per-edit decoder fine-tuning (paper: 75)
+    decoder_lr: float = 1e-4  # Adam learning rate of decoder fine-tuning (paper: 1e-4)
+    decoder_lambda: float = 100.0  # weight of the source term outside the mask (paper: 100)
+    rank: bool = True  # score candidates with CLIP and sort them best first
+    safety_checker: bool = True  # run the checkpoint's safety checker where it has one
+
+    def replace(self, **changes: Any) -> "EditConfig":
+        """A copy with `changes` applied; unknown names raise TypeError."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> "EditConfig":
+        """Raise ValueError naming the first setting out of range; return self."""
+        checks = [
+            (1 <= self.num_candidates <= 64, "num_candidates must be between 1 and 64"),
+            (1 <= self.num_inference_steps <= 1000, "num_inference_steps must be between 1 and 1000"),
+            (0.0 <= self.guidance_scale <= 50.0, "guidance_scale must be between 0 and 50"),
+            (0 <= self.seed < 2**63, "seed must be between 0 and 2**63 - 1"),
+            (0.0 <= self.blend_start < 1.0, "blend_start must be in [0, 1)"),
+            (len(self.shrink_kernels) >= 1 and all(k >= 1 and k % 2 == 1 for k in self.shrink_kernels),
+             "shrink_kernels must be odd integers >= 1"),
+            (self.scheduler in SCHEDULERS, f"scheduler must be one of {', '.join(SCHEDULERS)}"),
+            (1 <= self.batch_size <= 64, "batch_size must be between 1 and 64"),
+            (0.0 <= self.mask_threshold < 1.0, "mask_threshold must be in [0, 1)"),
+            (0 <= self.crop_margin <= 4096, "crop_margin must be between 0 and 4096 pixels"),
+            (self.background in BACKGROUND_METHODS, f"background must be one of {', '.join(BACKGROUND_METHODS)}"),
+            (0 <= self.feather <= 256, "feather must be between 0 and 256 pixels"),
+            (1 <= self.decoder_steps <= 1000, "decoder_steps must be between 1 and 1000"),
+            (0.0 < self.decoder_lr <= 1.0, "decoder_lr must be in (0, 1]"),
+            (0.0 <= self.decoder_lambda <= 1e6, "decoder_lambda must be between 0 and 1e6"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+

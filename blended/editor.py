@@ -1,0 +1,318 @@
+"""Editor.edit(): prepare -> encode -> blend loop -> decode -> reconstruct background -> rank."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import EditConfig
+from .errors import InputError
+from .images import ImageLike, Region, crop_to_work, load_image, load_mask, paste_back, plan_region
+from .masks import latent_mask, shrink_schedule
+from .models import DEFAULT_MODEL, LoadedModel, load_model
+from .sampler import blend_loop
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total); stages: encoding, denoising, decoding, reconstructing, ranking
+
+
+@dataclass
+class Candidate:
+    """One edited image at the source's full resolution."""
+
+    image: Image.Image
+    seed: int
+    scores: dict[str, float] = field(default_factory=dict)  # ranking scores; "score" orders the gallery
+    filtered: bool = False  # the checkpoint's safety checker flagged it (its edit is blanked)
+
+    @property
+    def score(self) -> Optional[float]:
+        return self.scores.get("score")
+
+
+@dataclass
+class EditResult:
+    """Candidates best first, with what produced them."""
+
+    candidates: list[Candidate]
+    prompt: str
+    config: EditConfig
+    model: str
+    timings: dict[str, float]  # seconds per stage
+    region: Region  # what was edited, at which size
+    notes: list[str] = field(default_factory=list)  # things the user should know (prompt cut, ...)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [c.image for c in self.candidates]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "model": self.model,
+            "candidates": [{"rank": i + 1, "seed": c.seed, "scores": c.scores, "filtered": c.filtered}
+                           for i, c in enumerate(self.candidates)],
+            "settings": self.config.to_dict(),
+            "region": {"box": list(self.region.box), "work_size": list(self.region.work_size)},
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+            "notes": self.notes,
+        }
+
+
+def make_scheduler(pipe: Any, name: str) -> Any:
+    """A fresh scheduler for one edit (schedulers hold per-run state) built from the checkpoint's config."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    if name == "ddim":
+        return DDIMScheduler.from_config(pipe.scheduler.config)
+    if name == "dpm++":
+        return DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    raise InputError(f"unknown scheduler '{name}'")
+
+
+def first_step(num_inference_steps: int, blend_start: float) -> int:
+    """Index of the first timestep used; the same rule as diffusers' img2img with strength = 1 - blend_start."""
+    kept = min(int(num_inference_steps * (1.0 - blend_start)), num_inference_steps)
+    return max(num_inference_steps - kept, 0)
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (1, 3, H, W) in [-1, 1]."""
+    a = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
+    return a.permute(2, 0, 1)[None]
+
+
+def _to_pil(x: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL images."""
+    a = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(im) for im in a]
+
+
+class Editor:
+    """Edits images with one loaded model; safe to share between concurrent requests (no per-edit state)."""
+
+    def __init__(self, model: LoadedModel, ranker: Any = None):
+        self.model = model
+        self.ranker = ranker  # object with .score(images, mask, prompt) -> list[dict]; None = no ranking
+
+    @classmethod
+    def load(cls, model: str = DEFAULT_MODEL, *, device: Optional[str] = None, dtype: Optional[str] = None,
+             ranker: Any = "auto", local_files_only: Optional[bool] = None) -> "Editor":
+        """Load a model (see `blended.models.load_model`) and the ranker that fits it ("auto", None or a Ranker)."""
+        loaded = load_model(model, device=device, dtype=dtype, local_files_only=local_files_only)
+        if ranker == "auto":
+            from .ranking import ranker_for
+
+            ranker = ranker_for(loaded.source, device=str(loaded.device))
+        return cls(loaded, ranker)
+
+    @property
+    def defaults(self) -> EditConfig:
+        """EditConfig defaults with the model's own recommendations (its blended.json) applied."""
+        known = {f.name for f in dataclasses.fields(EditConfig)}
+        return EditConfig().replace(**{k: v for k, v in self.model.recommended.items() if k in known})
+
+    # -- stages ----------------------------------------------------------------------------------
+
+    def _vae_encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(1, 3, H, W) in [-1, 1] -> scaled latents; the distribution's mean, so encoding is deterministic."""
+        vae = self.model.pipe.vae
+        z = vae.encode(x.to(self.model.device, vae.dtype)).latent_dist.mean
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((z - shift) * vae.config.scaling_factor).to(self.model.dtype)
+
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> (B, 3, H, W) images in [-1, 1]."""
+        vae = self.model.pipe.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample.float()
+
+    def _encode_prompt(self, prompt: str, negative_prompt: str, cfg: bool, size: tuple[int, int]) -> dict:
+        """Text embeddings (negative first when guided) and, for SDXL, the added conditions."""
+        pipe, dev = self.model.pipe, self.model.device
+        if self.model.is_sdxl:
+            emb, neg, pooled, neg_pooled = pipe.encode_prompt(
+                prompt=prompt, device=dev, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
+                negative_prompt=negative_prompt)
+            w, h = size
+            time_ids = pipe._get_add_time_ids((h, w), (0, 0), (h, w), dtype=emb.dtype,
+                                              text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+            if cfg:
+                emb, pooled, time_ids = torch.cat([neg, emb]), torch.cat([neg_pooled, pooled]), time_ids.repeat(2, 1)
+            return {"encoder_hidden_states": emb,
+                    "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(dev)}}
+        emb, neg = pipe.encode_prompt(prompt, dev, 1, cfg, negative_prompt)
+        return {"encoder_hidden_states": torch.cat([neg, emb]) if cfg else emb}
+
+    def _prompt_notes(self, prompt: str) -> list[str]:
+        tok = self.model.pipe.tokenizer
+        n = len(tok(prompt, truncation=False).input_ids)
+        if n > tok.model_max_length:
+            return [f"the prompt is {n} tokens; the text encoder reads the first {tok.model_max_length}, "
+                    "the rest was cut"]
+        return []
+
+    def _safety(self, images: torch.Tensor) -> list[bool]:
+        """The checkpoint's safety checker on (B, 3, H, W) images in [-1, 1]; all False where it has none."""
+        pipe = self.model.pipe
+        if getattr(pipe, "safety_checker", None) is None:
+            return [False] * images.shape[0]
+        arr = ((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+        _, flagged = pipe.run_safety_checker(arr, self.model.device, self.model.dtype)
+        return [bool(f) for f in flagged] if flagged is not None else [False] * images.shape[0]
+
+    # -- the edit --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def edit(self, image: ImageLike, mask: ImageLike, prompt: str, config: Optional[EditConfig] = None, *,
+             progress: Optional[Progress] = None, should_stop: Optional[Callable[[], bool]] = None,
+             **overrides: Any) -> EditResult:
+        """Edit `image` inside `mask` to show `prompt`; everything outside the mask is kept.
+
+        Args:
+            image: the source, any size and aspect ratio (path, bytes, PIL image or array).
+            mask: same size as `image`; white or opaque pixels (above `config.mask_threshold`) are
+                edited, black or transparent ones kept (`invert_mask` swaps them).
+            prompt: what should appear inside the mask.
+            config: the settings; default `self.defaults`. `overrides` replace single fields.
+            progress: called with (stage, done, total) as the edit advances.
+            should_stop: polled before every denoising step; returning True raises `EditCancelled`.
+
+        Returns:
+            An `EditResult` whose candidates are full-resolution images, best first when ranked.
+
+        Raises:
+            InputError: bad image, mask, prompt or setting (the message says which).
+            EditCancelled: `should_stop` returned True.
+        """
+        cfg = (config or self.defaults).replace(**overrides) if overrides else (config or self.defaults)
+        try:
+            cfg.validate()
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError("the prompt is empty: describe what should appear inside the mask")
+        prompt = prompt.strip()
+        report = progress or (lambda stage, done, total: None)
+        m, pipe = self.model, self.model.pipe
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(stage: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[stage] = timings.get(stage, 0.0) + now - clock
+            clock = now
+
+        # 1. inputs: full-resolution source and mask, the region to edit at work size
+        report("encoding", 0, 1)
+        source = load_image(image)
+        full_mask = load_mask(mask, source.size, threshold=cfg.mask_threshold, invert=cfg.invert_mask)
+        region = plan_region(source.size, full_mask, native=m.native_size, multiple=m.size_multiple,
+                             margin=cfg.crop_margin)
+        work_image, work_mask = crop_to_work(source, full_mask, region)
+        notes = self._prompt_notes(prompt)
+        lap("prepare")
+
+        # 2. encode: z_init and the text conditions
+        x_source = _to_tensor(work_image).to(m.device)  # (1, 3, H, W)
+        z_init = self._vae_encode(x_source)  # (1, C, H/f, W/f)
+        guided = cfg.guidance_scale > 1.0
+        cond = self._encode_prompt(prompt, cfg.negative_prompt, guided, region.work_size)
+        lap("encode")
+
+        # 3. latent masks: the true mask and its shrinking schedule
+        scheduler = make_scheduler(pipe, cfg.scheduler)
+        scheduler.set_timesteps(cfg.num_inference_steps, device=m.device)
+        start = first_step(cfg.num_inference_steps, cfg.blend_start)
+        timesteps = scheduler.timesteps[start * scheduler.order:]
+        if len(timesteps) == 0:
+            raise InputError("blend_start leaves no denoising steps; lower it or raise num_inference_steps")
+        z_mask = latent_mask(work_mask, m.vae_scale_factor).to(m.device, m.dtype)  # (1, 1, h, w)
+        masks = shrink_schedule(z_mask, len(timesteps), cfg.shrink_kernels, cfg.shrink)
+        seeds = [cfg.seed + i for i in range(cfg.num_candidates)]
+        chunks = [seeds[i:i + cfg.batch_size] for i in range(0, len(seeds), cfg.batch_size)]
+        total_steps = len(timesteps) * len(chunks)
+
+        # 4. the blending loop, chunk by chunk; each chunk has its own scheduler state
+        latents_all, decoded_all = [], []
+        for c, chunk in enumerate(chunks):
+            sched = make_scheduler(pipe, cfg.scheduler)
+            sched.set_timesteps(cfg.num_inference_steps, device=m.device)
+            if hasattr(sched, "set_begin_index"):
+                sched.set_begin_index(start * sched.order)
+            noiser = make_scheduler(pipe, cfg.scheduler)  # add_noise looks timesteps up, no step state
+            noiser.set_timesteps(cfg.num_inference_steps, device=m.device)
+            noise = torch.cat([  # (B, C, h, w), drawn on the CPU so a seed gives the same noise on every device
+                torch.randn(z_init.shape[1:], generator=torch.Generator("cpu").manual_seed(s))[None]
+                for s in chunk]).to(m.device, m.dtype)
+            b = len(chunk)
+            batch_cond = {"encoder_hidden_states": cond["encoder_hidden_states"].repeat_interleave(b, 0)}
+            if "added_cond_kwargs" in cond:
+                batch_cond["added_cond_kwargs"] = {k: v.repeat_interleave(b, 0)
+                                                   for k, v in cond["added_cond_kwargs"].items()}
+
+            def denoise(latents: torch.Tensor, t: torch.Tensor, sched=sched, batch_cond=batch_cond) -> torch.Tensor:
+                x = torch.cat([latents, latents]) if guided else latents
+                x = sched.scale_model_input(x, t)
+                noise_pred = pipe.unet(x, t, return_dict=False, **batch_cond)[0]
+                if guided:
+                    uncond, text = noise_pred.chunk(2)
+                    noise_pred = uncond + cfg.guidance_scale * (text - uncond)
+                return noise_pred
+
+            def step(noise_pred, t, latents, sched=sched):
+                return sched.step(noise_pred, t, latents, return_dict=False)[0]
+
+            def on_step(i, t, latents, c=c):
+                report("denoising", c * len(timesteps) + i + 1, total_steps)
+
+            latents = blend_loop(denoise, step, noiser.add_noise, z_init, noise, masks, timesteps,
+                                 on_step=on_step, should_stop=should_stop)
+            lap("denoise")
+            report("decoding", c, len(chunks))
+            latents_all.append(latents)
+            decoded_all.append(self.vae_decode(latents))
+            lap("decode")
+        latents = torch.cat(latents_all)
+        decoded = torch.cat(decoded_all)  # (N, 3, H, W) in [-1, 1]
+        flagged = self._safety(decoded) if cfg.safety_checker else [False] * len(seeds)
+        lap("safety")
+
+        # 5. background reconstruction at work size (paper §4.2)
+        pixel_mask = torch.from_numpy(work_mask.astype(np.float32))[None, None].to(m.device)  # (1, 1, H, W)
+        if cfg.background != "none":
+            from .background import reconstruct
+
+            report("reconstructing", 0, 1)
+            decoded = reconstruct(cfg.background, editor=self, latents=latents, decoded=decoded,
+                                  source=x_source.float(), mask=pixel_mask, config=cfg,
+                                  progress=lambda done, total: report("reconstructing", done, total),
+                                  should_stop=should_stop)
+            lap("background")
+        blank = x_source.float() * (1 - pixel_mask)  # a filtered candidate keeps the source, its edit blanked
+        decoded = torch.stack([blank[0] if f else d for d, f in zip(decoded, flagged)])
+
+        # 6. back to full resolution
+        images = [paste_back(source, im, region, cfg.feather) for im in _to_pil(decoded)]
+        candidates = [Candidate(image=im, seed=s, filtered=f) for im, s, f in zip(images, seeds, flagged)]
+        lap("paste")
+
+        # 7. rank: best first by the ranker's combined score; filtered candidates last
+        if cfg.rank and self.ranker is not None and len(candidates) > 1:
+            report("ranking", 0, 1)
+            for cand, scores in zip(candidates, self.ranker.score(images, full_mask, prompt)):
+                cand.scores = scores
+            candidates.sort(key=lambda c: (c.filtered, -c.scores["score"]))
+            lap("rank")
+        timings["total"] = sum(timings.values())
+        report("done", 1, 1)
+        return EditResult(candidates=candidates, prompt=prompt, config=cfg, model=m.name, timings=timings,
+                          region=region, notes=notes)

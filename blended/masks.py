@@ -1,0 +1,31 @@
+"""Latent masks and the progressive shrinking schedule (paper §4.1)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def latent_mask(mask: np.ndarray, factor: int) -> torch.Tensor:
+    """(H, W) bool pixel mask -> (1, 1, H/f, W/f) float latent mask; a latent is edited if any pixel under it is."""
+    m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+    return F.max_pool2d(m, kernel_size=factor, stride=factor)
+
+
+def dilate(mask: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Dilate a (B, 1, h, w) {0, 1} mask with a square `kernel` x `kernel` element (1 = unchanged)."""
+    if kernel <= 1:
+        return mask
+    return F.max_pool2d(mask, kernel_size=kernel, stride=1, padding=kernel // 2)
+
+
+def shrink_schedule(mask: torch.Tensor, num_steps: int, kernels: tuple[int, ...] = (7, 5, 3, 1),
+                    shrink: bool = True) -> list[torch.Tensor]:
+    """One latent mask per denoising step: `kernels[k]` dilation over the k-th of len(kernels) equal
+    parts of the steps, so early steps blend with a wide mask and the last ones with the true mask
+    (paper §4.1: 7, 5, 3 then the true mask). Without `shrink`, the true mask at every step."""
+    if not shrink:
+        return [mask] * num_steps
+    dilated = [dilate(mask, k) for k in kernels]
+    return [dilated[min(i * len(kernels) // num_steps, len(kernels) - 1)] for i in range(num_steps)]
