@@ -83,6 +83,23 @@ def first_step(num_inference_steps: int, blend_start: float) -> int:
     return max(num_inference_steps - kept, 0)
 
 
+def schedule(pipe: Any, name: str, num_inference_steps: int, blend_start: float,
+             device: Any = None) -> tuple[Any, Any, torch.Tensor]:
+    """Fresh (scheduler, noiser, timesteps) for one run of the loop.
+
+    The scheduler steps from the first timestep used; the noiser only serves `add_noise`, which looks
+    each timestep up in its schedule (multistep schedulers would otherwise use their current step).
+    """
+    sched = make_scheduler(pipe, name)
+    sched.set_timesteps(num_inference_steps, device=device)
+    start = first_step(num_inference_steps, blend_start) * sched.order
+    if hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(start)
+    noiser = make_scheduler(pipe, name)
+    noiser.set_timesteps(num_inference_steps, device=device)
+    return sched, noiser, sched.timesteps[start:]
+
+
 def _to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL RGB -> (1, 3, H, W) in [-1, 1]."""
     a = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
@@ -229,10 +246,7 @@ class Editor:
         lap("encode")
 
         # 3. latent masks: the true mask and its shrinking schedule
-        scheduler = make_scheduler(pipe, cfg.scheduler)
-        scheduler.set_timesteps(cfg.num_inference_steps, device=m.device)
-        start = first_step(cfg.num_inference_steps, cfg.blend_start)
-        timesteps = scheduler.timesteps[start * scheduler.order:]
+        timesteps = schedule(pipe, cfg.scheduler, cfg.num_inference_steps, cfg.blend_start)[2]
         if len(timesteps) == 0:
             raise InputError("blend_start leaves no denoising steps; lower it or raise num_inference_steps")
         z_mask = latent_mask(work_mask, m.vae_scale_factor).to(m.device, m.dtype)  # (1, 1, h, w)
@@ -244,12 +258,7 @@ class Editor:
         # 4. the blending loop, chunk by chunk; each chunk has its own scheduler state
         latents_all, decoded_all = [], []
         for c, chunk in enumerate(chunks):
-            sched = make_scheduler(pipe, cfg.scheduler)
-            sched.set_timesteps(cfg.num_inference_steps, device=m.device)
-            if hasattr(sched, "set_begin_index"):
-                sched.set_begin_index(start * sched.order)
-            noiser = make_scheduler(pipe, cfg.scheduler)  # add_noise looks timesteps up, no step state
-            noiser.set_timesteps(cfg.num_inference_steps, device=m.device)
+            sched, noiser, _ = schedule(pipe, cfg.scheduler, cfg.num_inference_steps, cfg.blend_start, m.device)
             noise = torch.cat([  # (B, C, h, w), drawn on the CPU so a seed gives the same noise on every device
                 torch.randn(z_init.shape[1:], generator=torch.Generator("cpu").manual_seed(s))[None]
                 for s in chunk]).to(m.device, m.dtype)

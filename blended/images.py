@@ -197,11 +197,10 @@ def _edge_ramp(size: tuple[int, int], box: tuple[int, int, int, int], image_size
     W, H = image_size
     ys = np.arange(rh, dtype=np.float32)[:, None] + 0.5
     xs = np.arange(rw, dtype=np.float32)[None, :] + 0.5
-    big = np.float32(1e9)
-    d = np.minimum.reduce([
-        xs if l > 0 else np.full_like(xs, big), (rw - xs) if r < W else np.full_like(xs, big),
-        ys if t > 0 else np.full_like(ys, big), (rh - ys) if b < H else np.full_like(ys, big),
-    ])
+    d = np.full((rh, rw), np.inf, dtype=np.float32)
+    for distance, open_side in ((xs, l > 0), (rw - xs, r < W), (ys, t > 0), (rh - ys, b < H)):
+        if open_side:
+            d = np.minimum(d, distance)
     return np.clip(d / max(width, 1), 0.0, 1.0)
 
 

@@ -1,0 +1,145 @@
+"""Command line: python -m blended edit --image IMG --mask MASK --prompt TEXT [options]."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .config import BACKGROUND_METHODS, SCHEDULERS, EditConfig
+from .errors import EditCancelled, InputError, ModelLoadError
+from .models import DEFAULT_MODEL, PRESETS
+
+EXIT_INPUT = 2  # bad input: unreadable file, empty mask, size mismatch, option out of range
+EXIT_MODEL = 1  # the model could not be loaded
+
+# flag -> EditConfig field; flags left out take the model's defaults (EditConfig + its blended.json)
+FLAGS = {
+    "negative_prompt": ("--negative-prompt", str, "what to steer away from"),
+    "num_candidates": ("--candidates", int, "images to generate"),
+    "num_inference_steps": ("--steps", int, "scheduler steps of the full schedule"),
+    "guidance_scale": ("--guidance", float, "classifier-free guidance scale"),
+    "seed": ("--seed", int, "base seed; candidate i uses seed + i"),
+    "blend_start": ("--blend-start", float, "fraction of the schedule skipped, in [0, 1)"),
+    "scheduler": ("--scheduler", str, f"one of {', '.join(SCHEDULERS)}"),
+    "background": ("--background", str, f"background reconstruction: {', '.join(BACKGROUND_METHODS)}"),
+    "batch_size": ("--batch-size", int, "candidates denoised at once (memory bound)"),
+    "crop_margin": ("--crop-margin", int, "context pixels around the mask when a large image is cropped"),
+    "mask_threshold": ("--mask-threshold", float, "mask values above this fraction are edited"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(EXIT_INPUT)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m blended", description="Text-driven local image editing (Blended Latent Diffusion).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("edit", help="edit an image inside a mask", description="Edit an image inside a mask.")
+    p.add_argument("--image", required=True, help="source image (any size, PNG/JPEG/WebP/...)")
+    p.add_argument("--mask", required=True, help="mask of the same size: white (or opaque) = edit")
+    p.add_argument("--prompt", required=True, help="what should appear inside the mask")
+    for field, (flag, typ, text) in FLAGS.items():
+        p.add_argument(flag, dest=field, type=typ, default=None, help=f"{text} (default: {getattr(EditConfig(), field)!r} "
+                       "or the model's recommendation)")
+    p.add_argument("--no-shrink", dest="shrink", action="store_const", const=False, default=None,
+                   help="turn progressive mask shrinking off")
+    p.add_argument("--invert-mask", dest="invert_mask", action="store_const", const=True, default=None,
+                   help="edit where the mask is black")
+    p.add_argument("--no-rank", dest="rank", action="store_const", const=False, default=None,
+                   help="skip CLIP ranking (candidates stay in seed order)")
+    p.add_argument("--no-safety-checker", dest="safety_checker", action="store_const", const=False, default=None,
+                   help="turn the checkpoint's safety checker off (local use)")
+    p.add_argument("--model", default=None, help=f"preset ({', '.join(PRESETS)}), hub id or folder "
+                   f"(default: {DEFAULT_MODEL}, falling back to demo when it cannot be loaded)")
+    p.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: the best available)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
+    p.add_argument("--out", default="outputs", help="folder for 01.png, 02.png, ... and result.json")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    names = list(FLAGS) + ["shrink", "invert_mask", "rank", "safety_checker"]
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def _load_editor(args: argparse.Namespace):
+    from .editor import Editor
+
+    if args.model is not None:
+        return Editor.load(args.model, device=args.device, dtype=args.dtype)
+    try:
+        return Editor.load(DEFAULT_MODEL, device=args.device, dtype=args.dtype)
+    except ModelLoadError as e:
+        sys.stderr.write(f"note: {e}; using the bundled demo model instead\n")
+        return Editor.load("demo", device=args.device, dtype=args.dtype)
+
+
+def _progress(quiet: bool):
+    def report(stage: str, done: int, total: int) -> None:
+        if not quiet and stage != "done":
+            end = "\r" if sys.stderr.isatty() else "\n"
+            sys.stderr.write(f"{stage} {done}/{total}{end}")
+    return report
+
+
+def run_edit(args: argparse.Namespace) -> int:
+    from .images import load_image, load_mask
+
+    overrides = _overrides(args)
+    # check what the user gave before spending time on the model
+    try:
+        EditConfig().replace(**overrides).validate()
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    source = load_image(args.image)
+    load_mask(args.mask, source.size, threshold=overrides.get("mask_threshold", EditConfig.mask_threshold),
+              invert=overrides.get("invert_mask", False))
+    if not args.prompt.strip():
+        raise InputError("the prompt is empty: describe what should appear inside the mask")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a folder")
+
+    editor = _load_editor(args)
+    result = editor.edit(args.image, args.mask, args.prompt, editor.defaults.replace(**overrides),
+                         progress=_progress(args.quiet))
+    out.mkdir(parents=True, exist_ok=True)
+    for i, cand in enumerate(result.candidates, 1):
+        cand.image.save(out / f"{i:02d}.png")
+    info = result.to_json()
+    info["files"] = [f"{i:02d}.png" for i in range(1, len(result.candidates) + 1)]
+    (out / "result.json").write_text(json.dumps(info, indent=2))
+    for note in result.notes:
+        sys.stderr.write(f"note: {note}\n")
+    if not args.quiet:
+        sys.stderr.write(f"wrote {len(result.candidates)} candidates to {out}/ in {result.timings['total']:.1f} s\n")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run_edit(args)
+    except InputError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return EXIT_INPUT
+    except ModelLoadError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return EXIT_MODEL
+    except EditCancelled:
+        sys.stderr.write("error: cancelled\n")
+        return 130
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
