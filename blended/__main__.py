@@ -72,13 +72,14 @@ def _overrides(args: argparse.Namespace) -> dict:
 def _load_editor(args: argparse.Namespace):
     from .editor import Editor
 
+    kw = {"device": args.device, "dtype": args.dtype, "ranker": None if args.rank is False else "auto"}
     if args.model is not None:
-        return Editor.load(args.model, device=args.device, dtype=args.dtype)
+        return Editor.load(args.model, **kw)
     try:
-        return Editor.load(DEFAULT_MODEL, device=args.device, dtype=args.dtype)
+        return Editor.load(DEFAULT_MODEL, **kw)
     except ModelLoadError as e:
         sys.stderr.write(f"note: {e}; using the bundled demo model instead\n")
-        return Editor.load("demo", device=args.device, dtype=args.dtype)
+        return Editor.load("demo", **kw)
 
 
 def _progress(quiet: bool):

@@ -113,14 +113,21 @@ def load_model(model: str = DEFAULT_MODEL, *, device: Optional[str] = None, dtyp
     kwargs: dict[str, Any] = {"dtype": dt, "use_safetensors": True}
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # the hub's retry chatter would bury our one-line message
     try:
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     except Exception as e:  # diffusers raises many kinds; the user needs one line
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if not is_dir and ("offline" in reason.lower() or "connect" in reason.lower() or "resolve" in reason.lower()
                            or "cache" in reason.lower() or "not found" in reason.lower()):
-            reason = "not in the local cache and the hub cannot be reached (" + reason[:160] + ")"
-        raise ModelLoadError(f"could not load model '{model}' from {source}: {reason[:300]}") from e
+            reason = "not in the local cache and the hub cannot be reached"
+        where = "" if source == model else f" ({source})"
+        raise ModelLoadError(f"could not load model '{model}'{where}: {reason[:300]}") from e
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
         raise ModelLoadError(f"model '{model}' is a {type(pipe).__name__}; blended edits with Stable Diffusion "
                              "1.x/2.x/SDXL text-to-image checkpoints")
