@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from .config import EditConfig
-from .errors import InputError
+from .errors import InputError, ModelLoadError
 from .images import ImageLike, Region, crop_to_work, load_image, load_mask, paste_back, plan_region
 from .masks import latent_mask, shrink_schedule
 from .models import DEFAULT_MODEL, LoadedModel, load_model
@@ -317,9 +317,14 @@ class Editor:
         # 7. rank: best first by the ranker's combined score; filtered candidates last
         if cfg.rank and self.ranker is not None and len(candidates) > 1:
             report("ranking", 0, 1)
-            for cand, scores in zip(candidates, self.ranker.score(images, full_mask, prompt)):
-                cand.scores = scores
-            candidates.sort(key=lambda c: (c.filtered, -c.scores["score"]))
+            try:
+                all_scores = self.ranker.score(images, full_mask, prompt)
+            except ModelLoadError as e:  # an edit without ranking beats no edit: keep seed order, say why
+                notes.append(f"ranking skipped: {e}")
+            else:
+                for cand, scores in zip(candidates, all_scores):
+                    cand.scores = scores
+                candidates.sort(key=lambda c: (c.filtered, -c.scores["score"]))
             lap("rank")
         timings["total"] = sum(timings.values())
         report("done", 1, 1)
