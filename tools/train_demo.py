@@ -1,0 +1,531 @@
+"""Rebuild the bundled demo models from nothing: one seeded script, CPU only.
+
+    python tools/train_demo.py --out assets            # full run (~40 min on 2 free cores)
+    python tools/train_demo.py --out /tmp/smoke --vae-minutes 0.5 --unet-minutes 0.5 \
+        --clip-minutes 0.3 --n-train 2000                # smoke test
+
+Writes
+  <out>/demo/          diffusers StableDiffusionPipeline (VAE x4, tiny UNet, tiny CLIP text
+                       encoder, word-level tokenizer, DDIM scheduler) + blended.json
+  <out>/demo_ranker/   open_clip model: open_clip_config.json + open_clip_model.safetensors
+
+Phases (each bounded by wall-clock minutes, so the run length is predictable):
+  1. data: N training scenes from tools/scenes.py (seeds 0..N-1, all < TRAIN_SEED_END)
+  2. VAE (AutoencoderKL, 64 px -> 4x16x16) with L1+MSE and a tiny KL term
+  3. latents of the dataset encoded once (posterior mode); scaling_factor = 1/std
+  4. UNet2DConditionModel + CLIPTextModel trained jointly on the cached latents
+     (epsilon prediction, min-SNR-5 loss weights, 10% empty-caption dropout, EMA)
+  5. open_clip ranker trained contrastively on the same scenes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import scenes  # noqa: E402
+
+WORDS = ["a", "and"] + list(scenes.COLOURS) + list(scenes.SHAPES)
+SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
+MAX_LEN = 16
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+# ----------------------------------------------------------------------------- builders
+def build_tokenizer():
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFKC(), normalizers.Lowercase(), normalizers.Replace(Regex(r"[^a-z0-9]+"), " ")]
+    )
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    bos, eos = vocab["<bos>"], vocab["<eos>"]
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>",
+        pair="<bos> $A <eos> $B <eos>",
+        special_tokens=[("<bos>", bos), ("<eos>", eos)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=MAX_LEN,
+        padding_side="right",
+    )
+
+
+def build_text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        projection_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=MAX_LEN,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,  # 3, so pooling uses the first <eos> (not argmax)
+    )
+    return CLIPTextModel(cfg)
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        mid_block_add_attention=False,
+    )
+
+
+def build_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 128),
+        layers_per_block=1,
+        cross_attention_dim=64,
+        attention_head_dim=4,
+        norm_num_groups=32,
+    )
+
+
+def build_schedulers():
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    kw = dict(
+        num_train_timesteps=1000,
+        beta_start=0.0001,
+        beta_end=0.02,
+        beta_schedule="linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+    )
+    train = DDPMScheduler(**kw)
+    infer = DDIMScheduler(**kw, set_alpha_to_one=False, steps_offset=1)
+    return train, infer
+
+
+RANKER_CFG = {
+    "model_cfg": {
+        "embed_dim": 64,
+        "vision_cfg": {
+            "image_size": 64,
+            "patch_size": 8,
+            "width": 128,
+            "layers": 4,
+            "head_width": 32,
+            "mlp_ratio": 2.0,
+        },
+        "text_cfg": {
+            "context_length": 16,
+            "vocab_size": 49408,
+            "width": 64,
+            "heads": 2,
+            "layers": 2,
+            "mlp_ratio": 2.0,
+        },
+    },
+    "preprocess_cfg": {
+        "size": 64,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    },
+}
+
+
+def nparams(m) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def to_tensor(images_u8: np.ndarray) -> torch.Tensor:
+    """uint8 (N,H,W,3) -> float (N,3,H,W) in [-1, 1]."""
+    return torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def lr_at(progress: float, step: int, peak: float, warmup: int) -> float:
+    w = min(1.0, (step + 1) / warmup)
+    return peak * w * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = ((a.clamp(-1, 1) - b) / 2).pow(2).mean().item()
+    return 10 * math.log10(1.0 / max(mse, 1e-10))
+
+
+# ----------------------------------------------------------------------------- phases
+def train_vae(vae, x_train, x_val, steps, minutes, batch, g):
+    opt = torch.optim.AdamW(vae.parameters(), lr=1.5e-3, weight_decay=0.0)
+    t0 = time.time()
+    budget = minutes * 60
+    step = 0
+    n = x_train.shape[0]
+    vae.train()
+    while True:
+        progress = max(step / steps, (time.time() - t0) / budget)
+        if progress >= 1.0:
+            break
+        for pg in opt.param_groups:
+            pg["lr"] = lr_at(progress, step, 1.5e-3, 100)
+        idx = torch.randint(0, n, (batch,), generator=g)
+        x = x_train[idx]
+        if step % 2:
+            x = x.flip(3)
+        post = vae.encode(x).latent_dist
+        z = post.sample(generator=g)
+        rec = vae.decode(z).sample
+        kl = post.kl().mean() / (4 * 16 * 16)
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-5 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 100 == 0:
+            log(
+                f"vae step {step} loss {loss.item():.4f} kl {kl.item():.2f} "
+                f"psnr(batch) {psnr(rec.detach(), x):.2f} dB  {step / (time.time() - t0):.2f} it/s"
+            )
+    vae.eval()
+    with torch.no_grad():
+        rec = torch.cat([vae.decode(vae.encode(x_val[i : i + 128]).latent_dist.mode()).sample for i in range(0, len(x_val), 128)])
+    p = psnr(rec, x_val)
+    log(f"vae done: {step} steps in {time.time() - t0:.0f}s, held-out PSNR {p:.2f} dB")
+    return {"steps": step, "seconds": time.time() - t0, "heldout_psnr_db": p}
+
+
+@torch.no_grad()
+def encode_all(vae, x, batch=256):
+    out = []
+    for i in range(0, x.shape[0], batch):
+        out.append(vae.encode(x[i : i + batch]).latent_dist.mode())
+    return torch.cat(out)
+
+
+def train_unet(unet, text_encoder, latents, ids, empty_ids, steps, minutes, batch, g, sched):
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=6e-4, weight_decay=1e-2, betas=(0.9, 0.99))
+    ema = [p.detach().clone() for p in params]
+    alphas = sched.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 for epsilon prediction
+    n = latents.shape[0]
+    t0 = time.time()
+    budget = minutes * 60
+    step = 0
+    run_loss = 0.0
+    unet.train()
+    text_encoder.train()
+    while True:
+        progress = max(step / steps, (time.time() - t0) / budget)
+        if progress >= 1.0:
+            break
+        lr = lr_at(progress, step, 6e-4, 200)
+        for pg in opt.param_groups:
+            pg["lr"] = lr
+        idx = torch.randint(0, n, (batch,), generator=g)
+        x0 = latents[idx]
+        tok = ids[idx].clone()
+        drop = torch.rand(batch, generator=g) < 0.1
+        tok[drop] = empty_ids
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
+        xt = sched.add_noise(x0, noise, t)
+        cond = text_encoder(tok)[0]
+        pred = unet(xt, t, cond).sample
+        loss = ((pred - noise).pow(2).mean(dim=(1, 2, 3)) * weight[t]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        run_loss += loss.item()
+        if step % 100 == 0:
+            log(
+                f"unet step {step} loss {run_loss / 100:.4f} lr {lr:.2e} "
+                f"{step / (time.time() - t0):.2f} it/s ({batch * step / (time.time() - t0):.0f} samples/s)"
+            )
+            run_loss = 0.0
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    unet.eval()
+    text_encoder.eval()
+    log(f"unet done: {step} steps in {time.time() - t0:.0f}s")
+    return {"steps": step, "seconds": time.time() - t0}
+
+
+def ranker_batch(images, scene_objs, captions, full_tok, phrase_tok, phrase_index, batch, g):
+    """Images (B,3,64,64) in [-1,1], open_clip token ids (B,16) and caption strings.
+
+    40% full caption, 35% the phrase of one object of the scene, 25% a crop around one object
+    with its phrase; random mirror and a mild blur on 30% (like decoded samples).
+    """
+    from torchvision.ops import roi_align
+
+    n = images.shape[0]
+    idx = torch.randint(0, n, (batch,), generator=g)
+    r = torch.rand(batch, generator=g).tolist()
+    pick = torch.rand(batch, generator=g).tolist()
+    marg = torch.rand(batch, generator=g).tolist()
+    x = images[idx].clone()
+    toks, keys, crop_rows, crop_boxes = [], [], [], []
+    for b, i in enumerate(idx.tolist()):
+        objs = scene_objs[i]
+        if r[b] < 0.4 or not objs:
+            toks.append(full_tok[i])
+            keys.append(captions[i])
+            continue
+        o = objs[int(pick[b] * len(objs))]
+        key = f"a {o[0]} {o[1]}"
+        toks.append(phrase_tok[phrase_index[key]])
+        keys.append(key)
+        if r[b] >= 0.75:
+            x0, y0, s = o[2], o[3], o[4]
+            side = min(64.0, s * (1.3 + 1.0 * marg[b]))  # square crop, shifted to stay inside
+            cx = min(max(0.0, x0 + s / 2 - side / 2), 64.0 - side)
+            cy = min(max(0.0, y0 + s / 2 - side / 2), 64.0 - side)
+            crop_rows.append(b)
+            crop_boxes.append([0.0, cx, cy, cx + side, cy + side])
+    if crop_rows:
+        rows = torch.tensor(crop_rows)
+        boxes = torch.tensor(crop_boxes)
+        boxes[:, 0] = torch.arange(len(crop_rows), dtype=torch.float32)
+        x[rows] = roi_align(x[rows], boxes, output_size=(64, 64), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    flip = torch.rand(batch, generator=g) < 0.5
+    x[flip] = x[flip].flip(3)
+    blur = torch.rand(batch, generator=g) < 0.3
+    if blur.any():
+        xb = x[blur]
+        x[blur] = 0.5 * xb + 0.5 * F.avg_pool2d(F.pad(xb, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    return x, torch.stack(toks), keys
+
+
+def train_ranker(model, images, scene_objs, captions, steps, minutes, batch, g):
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=RANKER_CFG["model_cfg"]["text_cfg"]["context_length"])
+    phrases = [f"{c} {s}" for c in scenes.COLOURS for s in scenes.SHAPES]
+    phrase_index = {f"a {p}": i for i, p in enumerate(phrases)}
+    phrase_tok = tokenizer([f"a {p}" for p in phrases])
+    uniq = sorted(set(captions))
+    uniq_tok = tokenizer(uniq)
+    where = {c: i for i, c in enumerate(uniq)}
+    full_tok = uniq_tok[[where[c] for c in captions]]
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    t0 = time.time()
+    budget = minutes * 60
+    step = 0
+    model.train()
+    while True:
+        progress = max(step / steps, (time.time() - t0) / budget)
+        if progress >= 1.0:
+            break
+        for pg in opt.param_groups:
+            pg["lr"] = lr_at(progress, step, 1e-3, 100)
+        x, tok, keys = ranker_batch(images, scene_objs, captions, full_tok, phrase_tok, phrase_index, batch, g)
+        # soft targets: every pair with the same caption text is a positive
+        kid = {k: j for j, k in enumerate(set(keys))}
+        kv = torch.tensor([kid[k] for k in keys])
+        same = (kv[:, None] == kv[None, :]).float()
+        fi = F.normalize(model.encode_image(x), dim=-1)
+        ft = F.normalize(model.encode_text(tok), dim=-1)
+        scale = model.logit_scale.exp().clamp(max=100)
+        logits = scale * fi @ ft.t()
+        tgt = same / same.sum(1, keepdim=True)
+        loss = 0.5 * (-(tgt * logits.log_softmax(1)).sum(1).mean() - (tgt * logits.t().log_softmax(1)).sum(1).mean())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            log(f"ranker step {step} loss {loss.item():.4f} scale {scale.item():.1f} {step / (time.time() - t0):.2f} it/s")
+    model.eval()
+    log(f"ranker done: {step} steps in {time.time() - t0:.0f}s")
+    return {"steps": step, "seconds": time.time() - t0}
+
+
+@torch.no_grad()
+def ranker_zero_shot(model, n=300):
+    """Accuracy of picking the right one of 18 phrases for held-out single-object scenes."""
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=16)
+    phrases = [f"a {c} {s}" for c in scenes.COLOURS for s in scenes.SHAPES]
+    ft = F.normalize(model.encode_text(tokenizer(phrases)), dim=-1)
+    sc = [scenes.make_scene(scenes.HELDOUT_SEED_START + 500_000 + i, n_objects=1) for i in range(n)]
+    x = to_tensor(np.stack([s.image for s in sc]))
+    fi = F.normalize(model.encode_image(x), dim=-1)
+    pred = (fi @ ft.t()).argmax(1).tolist()
+    return float(np.mean([phrases[p] == s.caption for p, s in zip(pred, sc)]))
+
+
+# ----------------------------------------------------------------------------- main
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="assets")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-train", type=int, default=40000)
+    # Lengths: a fixed number of steps (reproducible), each phase also capped in wall-clock
+    # minutes (the caps add up to < 50 min, so a slow or shared machine still finishes in time).
+    ap.add_argument("--vae-steps", type=int, default=1500)
+    ap.add_argument("--unet-steps", type=int, default=6000)
+    ap.add_argument("--clip-steps", type=int, default=500)
+    ap.add_argument("--vae-minutes", type=float, default=9.0)
+    ap.add_argument("--unet-minutes", type=float, default=30.0)
+    ap.add_argument("--clip-minutes", type=float, default=7.0)
+    ap.add_argument("--vae-batch", type=int, default=32)
+    ap.add_argument("--unet-batch", type=int, default=64)
+    ap.add_argument("--clip-batch", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-ranker", action="store_true")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    T0 = time.time()
+    out = Path(args.out)
+    report: dict = {"args": vars(args)}
+
+    # 1. data
+    assert args.n_train <= scenes.TRAIN_SEED_END
+    log(f"generating {args.n_train} training scenes")
+    imgs, captions, scene_objs = [], [], []
+    for s in range(args.n_train):
+        sc = scenes.make_scene(s)
+        imgs.append(sc.image)
+        captions.append(sc.caption)
+        scene_objs.append([(o.colour, o.shape, o.x0, o.y0, o.size) for o in sc.objects])
+    x_train = to_tensor(np.stack(imgs))
+    del imgs
+    x_val = to_tensor(np.stack([scenes.make_scene(scenes.HELDOUT_SEED_START + i).image for i in range(256)]))
+    log(f"data ready in {time.time() - T0:.0f}s")
+
+    # 2. VAE
+    vae = build_vae()
+    log(f"VAE params {nparams(vae):,}")
+    report["vae"] = train_vae(vae, x_train, x_val, args.vae_steps, args.vae_minutes, args.vae_batch, g)
+    report["vae"]["params"] = nparams(vae)
+
+    # 3. latents of the training scenes, encoded once
+    t = time.time()
+    latents = encode_all(vae, x_train)
+    std = latents.std().item()
+    vae.register_to_config(scaling_factor=round(1.0 / std, 5))
+    latents = latents * vae.config.scaling_factor
+    log(f"latents {tuple(latents.shape)} std {std:.4f} -> scaling_factor {vae.config.scaling_factor} ({time.time() - t:.0f}s)")
+    report["latent_std"] = std
+
+    # 4. UNet + text encoder
+    tokenizer = build_tokenizer()
+    text_encoder = build_text_encoder(tokenizer)
+    unet = build_unet()
+    train_sched, infer_sched = build_schedulers()
+    log(f"UNet params {nparams(unet):,}  text encoder params {nparams(text_encoder):,}")
+    enc = tokenizer(captions, padding="max_length", max_length=MAX_LEN, truncation=True, return_tensors="pt")
+    ids = enc.input_ids
+    empty_ids = tokenizer([""], padding="max_length", max_length=MAX_LEN, return_tensors="pt").input_ids[0]
+    report["unet"] = train_unet(unet, text_encoder, latents, ids, empty_ids, args.unet_steps, args.unet_minutes, args.unet_batch, g, train_sched)
+    report["unet"]["params"] = nparams(unet)
+    report["text_encoder_params"] = nparams(text_encoder)
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=infer_sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    demo_dir = out / "demo"
+    pipe.save_pretrained(demo_dir, safe_serialization=True)
+    defaults = {"num_inference_steps": 20, "guidance_scale": 5.0, "num_candidates": 4}
+    if not (demo_dir / "blended.json").exists():
+        (demo_dir / "blended.json").write_text(json.dumps(defaults, indent=2) + "\n")
+    log(f"saved pipeline to {demo_dir}")
+
+    # a quick look: one sample per phrase
+    try:
+        from PIL import Image
+
+        phrases = [f"a {c} {s}" for c in scenes.COLOURS for s in scenes.SHAPES]
+        gen = torch.Generator().manual_seed(1)
+        res = pipe(phrases, height=64, width=64, num_inference_steps=20, guidance_scale=5.0, generator=gen, output_type="np").images
+        sheet = np.concatenate([np.concatenate(list(res[r * 6 : r * 6 + 6]), axis=1) for r in range(3)], axis=0)
+        Image.fromarray((sheet * 255).round().astype(np.uint8)).resize((6 * 128, 3 * 128), Image.NEAREST).save(out / "demo_samples_preview.png" if False else "/tmp/demo_samples.png")
+        log("wrote /tmp/demo_samples.png")
+    except Exception as e:  # a preview failure must not lose the run
+        log("preview failed:", repr(e))
+
+    # 5. ranker
+    if not args.skip_ranker:
+        import open_clip
+        from safetensors.torch import save_file
+
+        model = open_clip.CLIP(**RANKER_CFG["model_cfg"])
+        log(f"ranker params {nparams(model):,}")
+        report["ranker"] = train_ranker(model, x_train, scene_objs, captions, args.clip_steps, args.clip_minutes, args.clip_batch, g)
+        report["ranker"]["params"] = nparams(model)
+        report["ranker"]["zero_shot_acc_18way"] = ranker_zero_shot(model)
+        log(f"ranker held-out 18-way zero-shot accuracy {report['ranker']['zero_shot_acc_18way']:.3f}")
+        rdir = out / "demo_ranker"
+        rdir.mkdir(parents=True, exist_ok=True)
+        (rdir / "open_clip_config.json").write_text(json.dumps(RANKER_CFG, indent=2) + "\n")
+        sd = {k: v.detach().to(torch.float16 if v.dtype == torch.float32 and k != "logit_scale" else v.dtype).contiguous() for k, v in model.state_dict().items()}
+        save_file(sd, str(rdir / "open_clip_model.safetensors"))
+        log(f"saved ranker to {rdir}")
+
+    report["total_seconds"] = time.time() - T0
+    log(f"total {report['total_seconds'] / 60:.1f} min")
+    (out / "demo").mkdir(parents=True, exist_ok=True)
+    (out / "demo" / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
