@@ -13,7 +13,7 @@ from PIL import Image
 
 from .config import EditConfig
 from .errors import InputError, ModelLoadError
-from .images import ImageLike, Region, crop_to_work, load_image, load_mask, paste_back, plan_region
+from .images import DEFAULT_MAX_PIXELS, ImageLike, Region, crop_to_work, load_image, load_mask, paste_back, plan_region
 from .masks import latent_mask, shrink_schedule
 from .models import DEFAULT_MODEL, LoadedModel, load_model
 from .sampler import blend_loop
@@ -78,9 +78,10 @@ def make_scheduler(pipe: Any, name: str) -> Any:
 
 
 def first_step(num_inference_steps: int, blend_start: float) -> int:
-    """Index of the first timestep used; the same rule as diffusers' img2img with strength = 1 - blend_start."""
+    """Index of the first timestep used: diffusers' img2img rule at strength = 1 - blend_start, except that
+    at least one step always runs (img2img would run none for, e.g., 1 step at strength 0.75)."""
     kept = min(int(num_inference_steps * (1.0 - blend_start)), num_inference_steps)
-    return max(num_inference_steps - kept, 0)
+    return num_inference_steps - max(kept, 1)
 
 
 def schedule(pipe: Any, name: str, num_inference_steps: int, blend_start: float,
@@ -115,20 +116,22 @@ def _to_pil(x: torch.Tensor) -> list[Image.Image]:
 class Editor:
     """Edits images with one loaded model; safe to share between concurrent requests (no per-edit state)."""
 
-    def __init__(self, model: LoadedModel, ranker: Any = None):
+    def __init__(self, model: LoadedModel, ranker: Any = None, *, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.model = model
         self.ranker = ranker  # object with .score(images, mask, prompt) -> list[dict]; None = no ranking
+        self.max_pixels = max_pixels  # larger images and masks are refused before they are decoded
 
     @classmethod
     def load(cls, model: str = DEFAULT_MODEL, *, device: Optional[str] = None, dtype: Optional[str] = None,
-             ranker: Any = "auto", local_files_only: Optional[bool] = None) -> "Editor":
+             ranker: Any = "auto", local_files_only: Optional[bool] = None,
+             max_pixels: int = DEFAULT_MAX_PIXELS) -> "Editor":
         """Load a model (see `blended.models.load_model`) and the ranker that fits it ("auto", None or a Ranker)."""
         loaded = load_model(model, device=device, dtype=dtype, local_files_only=local_files_only)
         if ranker == "auto":
             from .ranking import ranker_for
 
             ranker = ranker_for(loaded.source, device=str(loaded.device))
-        return cls(loaded, ranker)
+        return cls(loaded, ranker, max_pixels=max_pixels)
 
     @property
     def defaults(self) -> EditConfig:
@@ -230,8 +233,9 @@ class Editor:
 
         # 1. inputs: full-resolution source and mask, the region to edit at work size
         report("encoding", 0, 1)
-        source = load_image(image)
-        full_mask = load_mask(mask, source.size, threshold=cfg.mask_threshold, invert=cfg.invert_mask)
+        source = load_image(image, max_pixels=self.max_pixels)
+        full_mask = load_mask(mask, source.size, threshold=cfg.mask_threshold, invert=cfg.invert_mask,
+                              max_pixels=self.max_pixels)
         region = plan_region(source.size, full_mask, native=m.native_size, multiple=m.size_multiple,
                              margin=cfg.crop_margin)
         work_image, work_mask = crop_to_work(source, full_mask, region)
@@ -247,8 +251,6 @@ class Editor:
 
         # 3. latent masks: the true mask and its shrinking schedule
         timesteps = schedule(pipe, cfg.scheduler, cfg.num_inference_steps, cfg.blend_start)[2]
-        if len(timesteps) == 0:
-            raise InputError("blend_start leaves no denoising steps; lower it or raise num_inference_steps")
         z_mask = latent_mask(work_mask, m.vae_scale_factor).to(m.device, m.dtype)  # (1, 1, h, w)
         masks = shrink_schedule(z_mask, len(timesteps), cfg.shrink_kernels, cfg.shrink)
         seeds = [cfg.seed + i for i in range(cfg.num_candidates)]
