@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 
 from .config import EditConfig
-from .errors import InputError, ModelLoadError
+from .errors import InputError, ModelLoadError, OutOfMemory
 from .images import DEFAULT_MAX_PIXELS, ImageLike, Region, crop_to_work, load_image, load_mask, paste_back, plan_region
 from .masks import latent_mask, shrink_schedule
 from .models import DEFAULT_MODEL, LoadedModel, load_model
@@ -190,7 +191,6 @@ class Editor:
 
     # -- the edit --------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def edit(self, image: ImageLike, mask: ImageLike, prompt: str, config: Optional[EditConfig] = None, *,
              progress: Optional[Progress] = None, should_stop: Optional[Callable[[], bool]] = None,
              **overrides: Any) -> EditResult:
@@ -211,7 +211,24 @@ class Editor:
         Raises:
             InputError: bad image, mask, prompt or setting (the message says which).
             EditCancelled: `should_stop` returned True.
+            OutOfMemory: the device ran out of memory (the model stays usable).
         """
+        try:
+            return self._edit(image, mask, prompt, config, progress, should_stop, overrides)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e) \
+                    and "out of memory" not in str(e).lower():
+                raise
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise OutOfMemory("out of memory during the edit: use fewer candidates, a smaller batch size "
+                              "or a smaller image") from None
+
+    @torch.no_grad()
+    def _edit(self, image: ImageLike, mask: ImageLike, prompt: str, config: Optional[EditConfig],
+              progress: Optional[Progress], should_stop: Optional[Callable[[], bool]],
+              overrides: dict[str, Any]) -> EditResult:
         cfg = (config or self.defaults).replace(**overrides) if overrides else (config or self.defaults)
         try:
             cfg.validate()

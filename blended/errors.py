@@ -11,3 +11,7 @@ class ModelLoadError(RuntimeError):
 
 class EditCancelled(RuntimeError):
     """The edit was stopped by its caller (between two denoising steps)."""
+
+
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory during an edit; the message says what to lower."""

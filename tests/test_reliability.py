@@ -5,6 +5,7 @@ import struct
 import zlib
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -115,3 +116,32 @@ def test_bad_input_table(sd1_editor, name, image, mask, prompt, settings, error)
 
 def test_table_has_at_least_25_cases():
     assert len(CASES) >= 25
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+                                   RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory")])
+def test_out_of_memory_becomes_a_message_and_the_next_edit_succeeds(sd1_editor, monkeypatch, error):
+    from blended import OutOfMemory
+
+    unet = sd1_editor.model.pipe.unet
+    real = unet.forward
+    calls = []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise error
+        return real(*a, **k)
+
+    monkeypatch.setattr(unet, "forward", failing)
+    with pytest.raises(OutOfMemory, match="fewer candidates"):
+        sd1_editor.edit(GOOD, MASK, "a cat", num_inference_steps=4, num_candidates=2, rank=False)
+    r = sd1_editor.edit(GOOD, MASK, "a cat", num_inference_steps=4, num_candidates=2, rank=False)
+    assert len(r.images) == 2 and len(calls) > 3
+
+
+def test_other_runtime_errors_are_not_disguised(sd1_editor, monkeypatch):
+    monkeypatch.setattr(sd1_editor.model.pipe.unet, "forward", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        sd1_editor.edit(GOOD, MASK, "a cat", num_inference_steps=2, num_candidates=1, rank=False)
