@@ -1,0 +1,166 @@
+"""Quality on the demo model's held-out edits: the paper's ablations at small scale.
+
+Sections: prompt adherence and background PSNR at default settings, ranking lift (top-1 vs a random
+candidate), thin masks with and without progressive shrinking, the effect of `blend_start`, and the
+background methods (PSNR and seam error outside the mask). Seeds are held out (tools/scenes.py).
+
+    python bench/quality.py            # full (~10 min on 2 CPU cores), writes docs/bench/quality.md + PNG
+    python bench/quality.py --quick    # smoke test, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common import ROOT, table, write_doc
+
+import sys
+
+sys.path.insert(0, str(ROOT / "tools"))
+import scenes  # noqa: E402
+from analyse import analyse_region  # noqa: E402
+
+BASE = scenes.HELDOUT_SEED_START + 500_000  # apart from bench/demo_eval.py's seeds
+
+
+def psnr_outside(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """PSNR (dB) of the pixels outside `mask`."""
+    keep = ~mask
+    mse = float(((a.astype(np.float64)[keep] - b.astype(np.float64)[keep]) ** 2).mean())
+    return 10 * math.log10(255.0**2 / max(mse, 1e-10))
+
+
+def seam_error(out: np.ndarray, src: np.ndarray, mask: np.ndarray) -> float:
+    """Mean |gradient jump| across the mask border: the result's gradient minus the source's, on the
+    ring of pixels just outside the mask (0 = the border is as smooth as the source's own)."""
+    import cv2
+
+    ring = cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & ~mask
+    def grad(a):
+        g = a.astype(np.float32)
+        return np.abs(np.diff(g, axis=0, append=g[-1:])) + np.abs(np.diff(g, axis=1, append=g[:, -1:]))
+    return float(np.abs(grad(out) - grad(src))[ring].mean()) if ring.any() else 0.0
+
+
+def thin_case(seed: int):
+    """A scene with a thin stroke mask (4 to 8 px wide: 1 to 2 latents at x4) and a colour to draw there."""
+    rng = np.random.default_rng([seed, 11])
+    image, _, _, _, _ = scenes.make_edit_case(seed)
+    mask = np.zeros(image.shape[:2], bool)
+    width = int(rng.integers(4, 9))
+    if rng.random() < 0.5:
+        y = int(rng.integers(8, 56 - width))
+        mask[y:y + width, 8:56] = True
+    else:
+        x = int(rng.integers(8, 56 - width))
+        mask[8:56, x:x + width] = True
+    colour = list(scenes.COLOURS)[int(rng.integers(len(scenes.COLOURS)))]
+    return image, mask, f"a {colour} square", colour
+
+
+def run_edits(editor, cases, **settings):
+    """Edit every case; per case: top-1 hit, mean hit over candidates, PSNR and seam of the top-1, seconds."""
+    rows = []
+    for image, mask, prompt, colour, shape in cases:
+        t = time.perf_counter()
+        r = editor.edit(image, Image.fromarray(mask.astype(np.uint8) * 255), prompt, **settings)
+        dt = time.perf_counter() - t
+        hits = []
+        for im in r.images:
+            c, s = analyse_region(np.asarray(im), mask)
+            hits.append(c == colour and (shape is None or s == shape))
+        top = np.asarray(r.images[0])
+        rows.append(dict(top=hits[0], mean=float(np.mean(hits)), psnr=psnr_outside(top, image, mask),
+                         seam=seam_error(top, image, mask), seconds=dt, image=r.images[0]))
+    return rows
+
+
+def summary(rows):
+    return dict(top=np.mean([r["top"] for r in rows]), mean=np.mean([r["mean"] for r in rows]),
+                psnr=statistics.median([r["psnr"] for r in rows]), seam=np.mean([r["seam"] for r in rows]),
+                seconds=statistics.median([r["seconds"] for r in rows]))
+
+
+def sheet(rows, path, n=8):
+    """A contact sheet of top-1 results."""
+    ims = [r["image"].resize((128, 128), Image.Resampling.NEAREST) for r in rows[:n]]
+    out = Image.new("RGB", (128 * len(ims), 128), "white")
+    for i, im in enumerate(ims):
+        out.paste(im, (128 * i, 0))
+    out.save(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--n", type=int, default=None, help="held-out edits per section")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    from blended import Editor
+
+    editor = Editor.load("demo")
+    d = editor.defaults
+    n = args.n or (3 if args.quick else 40)
+    cases = [scenes.make_edit_case(BASE + i) for i in range(n)]
+    out = []
+    head = (f"Demo model (`assets/demo`), its defaults: {d.num_candidates} candidates, {d.num_inference_steps} "
+            f"steps, guidance {d.guidance_scale}, blend_start {d.blend_start}; {n} held-out edits per row; CPU, "
+            f"{torch.get_num_threads()} threads. An edit is a hit when tools/analyse.py finds the asked colour and "
+            "shape inside the mask.")
+
+    # 1. defaults, ranking lift
+    base = run_edits(editor, cases)
+    s = summary(base)
+    norank = summary(run_edits(editor, cases, rank=False))
+    out.append("## Adherence, background and ranking lift (defaults)\n\n" + table(
+        ["setting", "top-1 hit", "random-candidate hit", "median PSNR outside dB", "seam", "median s / edit"],
+        [["ranked (default)", s["top"], s["mean"], s["psnr"], s["seam"], s["seconds"]],
+         ["unranked (seed order)", norank["top"], norank["mean"], norank["psnr"], norank["seam"], norank["seconds"]]]))
+    sheet(base, ROOT / "docs" / "bench" / "quality_top1.png")
+
+    # 2. thin masks, shrinking on / off
+    thin = [thin_case(BASE + 10_000 + i) for i in range(n)]
+    thin = [(im, m, p, c, None) for im, m, p, c in thin]
+    rows = []
+    for shrink in (True, False):
+        t = summary(run_edits(editor, thin, shrink=shrink))
+        rows.append([f"shrinking {'on' if shrink else 'off'}", t["top"], t["mean"], t["psnr"]])
+    out.append("## Thin masks (4-8 px = 1-2 latents wide): colour drawn inside\n\n" + table(
+        ["setting", "top-1 hit", "random-candidate hit", "median PSNR outside dB"], rows))
+
+    # 3. blend_start
+    rows = []
+    for b in ((0.0, 0.5) if args.quick else (0.0, 0.25, 0.5, 0.75)):
+        t = summary(run_edits(editor, cases, blend_start=b))
+        rows.append([b, t["top"], t["mean"], t["psnr"], t["seconds"]])
+    out.append("## Effect of blend_start\n\n" + table(
+        ["blend_start", "top-1 hit", "random-candidate hit", "median PSNR outside dB", "median s"], rows))
+
+    # 4. background methods
+    from blended.config import BACKGROUND_METHODS
+
+    rows = []
+    sub = cases[: max(2, n // 2)]
+    for method in BACKGROUND_METHODS:
+        t = summary(run_edits(editor, sub, background=method))
+        rows.append([method, t["psnr"], t["seam"], t["top"], t["seconds"]])
+    out.append(f"## Background methods ({len(sub)} edits)\n\n" + table(
+        ["method", "median PSNR outside dB", "seam (mean abs gradient jump)", "top-1 hit", "median s / edit"], rows))
+
+    text = (f"# Quality on held-out demo edits\n\nCommand: `python bench/quality.py{' --quick' if args.quick else ''}`"
+            f"\n\n{head}\n\n" + "\n\n".join(out) + "\n\n![top-1 results](quality_top1.png)\n")
+    print(text)
+    if not args.quick:
+        write_doc("quality", text)
+    assert 0.0 <= s["top"] <= 1.0 and s["psnr"] > 10
+
+
+if __name__ == "__main__":
+    main()
