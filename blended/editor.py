@@ -29,7 +29,7 @@ class Candidate:
     image: Image.Image
     seed: int
     scores: dict[str, float] = field(default_factory=dict)  # ranking scores; "score" orders the gallery
-    filtered: bool = False  # the checkpoint's safety checker flagged it (its edit is blanked)
+    filtered: bool = False  # the checkpoint's safety checker flagged it (its edit is blanked grey)
 
     @property
     def score(self) -> Optional[float]:
@@ -325,7 +325,7 @@ class Editor:
                                   progress=lambda done, total: report("reconstructing", done, total),
                                   should_stop=should_stop)
             lap("background")
-        blank = x_source.float() * (1 - pixel_mask)  # a filtered candidate keeps the source, its edit blanked
+        blank = x_source.float() * (1 - pixel_mask)  # a filtered candidate keeps the source, its edit blanked grey
         decoded = torch.stack([blank[0] if f else d for d, f in zip(decoded, flagged)])
 
         # 6. back to full resolution
@@ -343,8 +343,9 @@ class Editor:
             else:
                 for cand, scores in zip(candidates, all_scores):
                     cand.scores = scores
-                candidates.sort(key=lambda c: (c.filtered, -c.scores["score"]))
+                candidates.sort(key=lambda c: -c.scores["score"])
             lap("rank")
+        candidates.sort(key=lambda c: c.filtered)  # stable: flagged candidates go last, the order stays
         timings["total"] = sum(timings.values())
         report("done", 1, 1)
         return EditResult(candidates=candidates, prompt=prompt, config=cfg, model=m.name, timings=timings,
