@@ -1,0 +1,73 @@
+"""The browser app: parse flags and environment, load an Editor, build the UI, launch.
+
+    python app.py                       # the default model (falls back to the bundled demo model)
+    python app.py --model demo          # the bundled demo model, offline on a CPU
+    python app.py --model path/to/sd-folder --device cuda --dtype fp16 --port 7860
+
+Limits come from the environment: BLENDED_MAX_UPLOAD_MB, BLENDED_MAX_PIXELS, BLENDED_MAX_CANDIDATES,
+BLENDED_MAX_STEPS, BLENDED_CONCURRENCY, BLENDED_MAX_QUEUE (see docs/app.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from blended.models import DEFAULT_MODEL, PRESETS
+
+    ap = argparse.ArgumentParser(description="blended: text-driven local image editing in the browser")
+    ap.add_argument("--model", default=os.environ.get("BLENDED_MODEL", DEFAULT_MODEL),
+                    help=f"a preset ({', '.join(PRESETS)}), a hub id or a folder (default: $BLENDED_MODEL or "
+                         f"{DEFAULT_MODEL}); falls back to the demo model when it cannot be loaded")
+    ap.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: the best available)")
+    ap.add_argument("--dtype", default=None, help="fp16, bf16 or fp32 (default: fp16 on accelerators, fp32 on CPU)")
+    ap.add_argument("--host", default=None, help="address to listen on (default: gradio's, 127.0.0.1 or "
+                                                 "$GRADIO_SERVER_NAME)")
+    ap.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or $GRADIO_SERVER_PORT)")
+    ap.add_argument("--share", action="store_true", help="also serve through a temporary public gradio.live link")
+    return ap.parse_args(argv)
+
+
+def load_editor(model: str, device, dtype):
+    """(Editor, notice): the requested model, or the demo model with a one-line notice when it cannot be loaded."""
+    from blended import Editor, ModelLoadError
+
+    try:
+        return Editor.load(model, device=device, dtype=dtype), None
+    except ModelLoadError as e:
+        if model == "demo":
+            raise SystemExit(f"blended: {e}") from None
+        notice = f"The requested model '{model}' could not be loaded, so the bundled demo model is in use ({e})."
+        print(f"blended: {e}; falling back to the bundled demo model", file=sys.stderr)
+    try:
+        return Editor.load("demo", device=device, dtype=dtype), notice
+    except ModelLoadError as e:
+        raise SystemExit(f"blended: {e}") from None
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from ui import Limits, create_demo
+    from ui.zerogpu import on_zerogpu
+
+    try:
+        limits = Limits.from_env()
+    except ValueError as e:
+        raise SystemExit(f"blended: {e}") from None
+    on_zerogpu()  # imports `spaces` on ZeroGPU before any CUDA work, as it requires
+    editor, notice = load_editor(args.model, args.device, args.dtype)
+    demo = create_demo(editor, limits=limits, notice=notice)
+    demo.queue(max_size=limits.max_queue, default_concurrency_limit=limits.concurrency)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share,
+                max_file_size=f"{limits.max_upload_mb}mb",
+                allowed_paths=[str(ASSETS / "examples"), str(ASSETS / "photos")])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""What the UI needs between gradio's values and `Editor.edit`, without gradio: masks from painted
+layers, settings to an `EditConfig` within the deployment's limits, captions, output files, Stop."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+from PIL import Image
+
+from blended import Candidate, EditConfig, InputError
+from blended.images import load_image
+
+from .limits import Limits
+
+PAINT_ALPHA = 32  # a layer pixel with at least this alpha (of 255) is painted: part of the mask
+EXTRA_SETTINGS = ("randomize_seed", "preserve_background")  # settings of the UI that are not EditConfig fields
+CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(EditConfig)}
+NEW_SEED_RANGE = 2**31  # randomized seeds are drawn from [0, NEW_SEED_RANGE)
+
+
+# -- image and mask -----------------------------------------------------------------------------
+
+def mask_from_layers(layers: Iterable[Image.Image], size: tuple[int, int]) -> Image.Image:
+    """The painted area of an image editor: the union of the layers' alpha, as an 'L' image (255 = edit).
+
+    The colour of the strokes does not matter, only where they are; `size` is the background's (w, h).
+    """
+    mask = np.zeros((size[1], size[0]), bool)
+    for layer in layers:
+        if layer.size != tuple(size):
+            raise InputError(f"a painted layer is {layer.size[0]}x{layer.size[1]} but the image is "
+                             f"{size[0]}x{size[1]}; paint on the uploaded image without resizing it")
+        if "A" not in layer.getbands():
+            raise InputError("a painted layer has no transparency; the mask is read from its alpha channel")
+        mask |= np.asarray(layer.getchannel("A")) >= PAINT_ALPHA
+    return Image.fromarray(mask.astype(np.uint8) * 255, "L")
+
+
+def editor_inputs(value: Optional[dict], limits: Limits) -> tuple[Image.Image, Image.Image]:
+    """(source RGB, mask L) from a `gr.ImageEditor` value of PIL images (background + painted layers)."""
+    background = (value or {}).get("background")
+    if background is None:
+        raise InputError("upload an image first")
+    source = checked_image(background, limits)
+    mask = mask_from_layers(value.get("layers") or [], source.size)
+    if not np.asarray(mask).any():
+        raise InputError("the mask is empty: paint over the region to edit with the brush")
+    return source, mask
+
+
+def checked_image(src: Any, limits: Limits) -> Image.Image:
+    """The source as RGB (EXIF applied, transparency on white), refused above `limits.max_pixels`."""
+    return load_image(src, max_pixels=limits.max_pixels)
+
+
+# -- settings -----------------------------------------------------------------------------------
+
+def server_defaults(defaults: EditConfig, limits: Limits) -> EditConfig:
+    """The model's defaults brought within this server's limits (what an edit gets when it names nothing)."""
+    return defaults.replace(num_candidates=min(defaults.num_candidates, limits.max_candidates),
+                            num_inference_steps=min(defaults.num_inference_steps, limits.max_steps),
+                            decoder_steps=min(defaults.decoder_steps, limits.max_steps),
+                            latent_steps=min(defaults.latent_steps, limits.max_steps))
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """`value` as the type of the EditConfig field `name` (whose default is `default`)."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise InputError(f"setting '{name}' must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+            raise InputError(f"setting '{name}' must be a whole number, got {value!r}")
+        return int(value)
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"setting '{name}' must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise InputError(f"setting '{name}' must be text, got {value!r}")
+        return value
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise InputError(f"setting '{name}' must be a list, got {value!r}")
+        return tuple(_coerce(name, v, default[0]) for v in value)
+    return value
+
+
+def settings_to_config(defaults: EditConfig, settings: Optional[dict], limits: Limits,
+                       rng: Optional[random.Random] = None) -> EditConfig:
+    """An EditConfig from `defaults` and the UI's / API's `settings` (EditConfig field names, plus
+    `randomize_seed` and `preserve_background`), checked against the EditConfig ranges and `limits`.
+
+    `randomize_seed` true draws a new seed (the returned config holds it); `preserve_background`
+    true means background reconstruction by decoder fine-tuning.
+    """
+    if settings is not None and not isinstance(settings, dict):
+        raise InputError("settings must be a JSON object of setting names and values")
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - set(CONFIG_FIELDS) - set(EXTRA_SETTINGS))
+    if unknown:
+        raise InputError(f"unknown setting(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(list(CONFIG_FIELDS) + list(EXTRA_SETTINGS))}")
+    randomize = settings.pop("randomize_seed", False)
+    preserve = settings.pop("preserve_background", False)
+    changes = {name: _coerce(name, value, getattr(defaults, name)) for name, value in settings.items()
+               if value is not None}
+    if randomize:
+        changes["seed"] = (rng or random.SystemRandom()).randrange(NEW_SEED_RANGE)
+    if preserve:
+        changes["background"] = "decoder"
+    cfg = defaults.replace(**changes)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if cfg.num_candidates > limits.max_candidates:
+        raise InputError(f"{cfg.num_candidates} candidates asked; this server makes at most "
+                         f"{limits.max_candidates} per edit")
+    if cfg.num_inference_steps > limits.max_steps:
+        raise InputError(f"{cfg.num_inference_steps} steps asked; this server runs at most {limits.max_steps}")
+    for method, name, what in (("decoder", "decoder_steps", "decoder fine-tuning"),
+                               ("latent", "latent_steps", "latent optimisation")):
+        steps = getattr(cfg, name)
+        if cfg.background == method and steps > limits.max_steps:
+            raise InputError(f"{steps} {what} steps asked; this server runs at most {limits.max_steps}")
+    return cfg
+
+
+# -- results ------------------------------------------------------------------------------------
+
+def caption(rank: int, candidate: Candidate) -> str:
+    """'#1 · score 0.312 · seed 42' (no score when the candidates were not ranked)."""
+    parts = [f"#{rank}"]
+    score = candidate.scores.get("score")
+    if score is not None:
+        parts.append(f"score {score:.3f}")
+    parts.append(f"seed {candidate.seed}")
+    if candidate.filtered:
+        parts.append("filtered by the safety checker")
+    return " · ".join(parts)
+
+
+def progress_label(stage: str, done: int, total: int) -> str:
+    """The name shown beside the progress bar: 'denoising 3/20', 'decoding', ..."""
+    return f"{stage} {done}/{total}" if stage == "denoising" else stage
+
+
+class OutputDir:
+    """A temporary folder with one sub-folder of full-resolution PNGs per edit; old ones are pruned."""
+
+    def __init__(self, keep_seconds: float = 3600.0, root: Optional[Path] = None):
+        self.root = Path(root or tempfile.mkdtemp(prefix="blended-ui-"))
+        self.keep_seconds = keep_seconds
+
+    def save(self, source: Image.Image, candidates: list[Candidate]) -> tuple[str, list[str]]:
+        """Write source.png and rank<i>-seed<s>.png; return their paths."""
+        self.prune()
+        folder = Path(tempfile.mkdtemp(dir=self.root))
+        source_path = folder / "source.png"
+        source.save(source_path, format="PNG")
+        paths = []
+        for i, cand in enumerate(candidates):
+            path = folder / f"rank{i + 1}-seed{cand.seed}.png"
+            cand.image.save(path, format="PNG")
+            paths.append(str(path))
+        return str(source_path), paths
+
+    def prune(self) -> None:
+        """Delete the edits older than `keep_seconds`."""
+        limit = time.time() - self.keep_seconds
+        for folder in self.root.glob("*"):
+            if folder.is_dir() and folder.stat().st_mtime < limit:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+class StopSwitch:
+    """Per-request stop flags: each running edit registers an Event under its session; Stop sets them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[str, set[threading.Event]] = {}
+
+    def start(self, session: str) -> threading.Event:
+        event = threading.Event()
+        with self._lock:
+            self._running.setdefault(session, set()).add(event)
+        return event
+
+    def finish(self, session: str, event: threading.Event) -> None:
+        with self._lock:
+            events = self._running.get(session, set())
+            events.discard(event)
+            if not events:
+                self._running.pop(session, None)
+
+    def stop(self, session: str) -> int:
+        """Ask every edit of `session` to stop; return how many were running."""
+        with self._lock:
+            events = list(self._running.get(session, ()))
+        for event in events:
+            event.set()
+        return len(events)

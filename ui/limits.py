@@ -1,0 +1,38 @@
+"""Deployment limits, read from environment variables (defaults suit one shared GPU)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Mapping, Optional
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one deployment accepts; each field has an environment variable ``BLENDED_<FIELD>``."""
+
+    max_upload_mb: int = 20  # largest uploaded file (gradio's max_file_size)
+    max_pixels: int = 16_000_000  # largest image, width x height (about 4900 x 3300)
+    max_candidates: int = 8  # most images one edit may generate
+    max_steps: int = 100  # most denoising steps (and decoder fine-tuning steps) of one edit
+    concurrency: int = 1  # edits running at once (they share the model and the accelerator)
+    max_queue: int = 20  # edits waiting beyond that; further requests are turned away
+
+    @classmethod
+    def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "Limits":
+        """Read ``BLENDED_MAX_UPLOAD_MB``, ``BLENDED_MAX_PIXELS``, ... ; unset ones keep their defaults."""
+        env = os.environ if env is None else env
+        values = {}
+        for f in fields(cls):
+            name = "BLENDED_" + f.name.upper()
+            raw = env.get(name, "").strip()
+            if not raw:
+                continue
+            try:
+                value = int(raw.replace("_", ""))
+            except ValueError:
+                raise ValueError(f"{name} must be a whole number, got '{raw}'") from None
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+            values[f.name] = value
+        return cls(**values)
