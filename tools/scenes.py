@@ -239,15 +239,17 @@ def make_edit_case(seed: int):
     bg, _ = make_background(rng)
     n = int(rng.integers(0, 3))
     objects = place_objects(rng, n)
-    image, _ = render(bg, objects, rng)
     boxes = [o.box for o in objects]
     for _try in range(100):
         size = int(rng.integers(22, 37))
         x0 = int(rng.integers(0, SIZE - size + 1))
         y0 = int(rng.integers(0, SIZE - size + 1))
         box = (x0, y0, x0 + size, y0 + size)
-        if not _overlaps(box, boxes, margin=1):
+        if not _overlaps(box, boxes, margin=3):
             break
+    else:  # no free place: drop the objects in the way
+        objects = [o for o in objects if not _overlaps(box, [o.box], margin=3)]
+    image, _ = render(bg, objects, rng)
     if rng.random() < 0.5:
         mask = np.zeros((SIZE, SIZE), bool)
         mask[box[1] : box[3], box[0] : box[2]] = True
