@@ -245,7 +245,8 @@ def test_captions_and_progress_labels():
     from ui.editing import caption, progress_label
 
     image = Image.new("RGB", (4, 4))
-    assert caption(1, Candidate(image, seed=42, scores={"score": 0.31234, "clip": 0.2})) == "#1 · score 0.312 · seed 42"
+    ranked = Candidate(image, seed=42, scores={"score": 0.31234, "clip": 0.2})
+    assert caption(1, ranked) == "#1 · score 0.312 · seed 42"
     assert caption(2, Candidate(image, seed=7)) == "#2 · seed 7"
     assert progress_label("denoising", 3, 20) == "denoising 3/20"
     assert progress_label("decoding", 0, 1) == "decoding"
@@ -274,3 +275,55 @@ def test_examples_exist_and_fit_the_engine():
         assert 0 < mask.mean() < 0.5 and ex["prompt"]
         if "(shapes)" in ex["name"]:
             assert image.size == (64, 64)
+
+
+# -- the Blocks and app.py, without a server -------------------------------------------------------------
+
+def test_demo_banner_png_everywhere_and_the_editor_keeps_resolution(app_editor):
+    import dataclasses
+
+    from blended import Editor
+    from ui import create_demo
+
+    def config_of(editor, **kw):
+        return create_demo(editor, **kw).get_config_file()["components"]
+
+    as_demo = Editor(dataclasses.replace(app_editor.model, name="demo"))
+    banner = [c for c in config_of(as_demo, notice="The requested model 'x' could not be loaded.")
+              if c["props"].get("elem_id") == "demo-banner"]
+    assert len(banner) == 1 and "demo model is in use" in banner[0]["props"]["value"]
+    assert "'x' could not be loaded" in banner[0]["props"]["value"]
+
+    tiny = Editor(dataclasses.replace(app_editor.model, name="/some/folder", source="/some/folder"))
+    components = config_of(tiny)
+    assert not any(c["props"].get("elem_id") == "demo-banner" for c in components)
+    formats = {c["type"]: c["props"]["format"] for c in components if "format" in c["props"]}
+    assert {"imageeditor", "gallery", "imageslider"} <= set(formats) and set(formats.values()) == {"png"}
+    editor = next(c["props"] for c in components if c["type"] == "imageeditor")
+    assert editor["fixed_canvas"] is False and editor["brush"]["color_mode"] == "fixed"
+    assert editor["eraser"] and editor["image_mode"] == "RGBA"
+
+
+def test_app_falls_back_to_the_demo_model_with_one_line(capsys):
+    import app
+
+    try:
+        editor, notice = app.load_editor("no-such-org/no-such-model", None, None)
+    except SystemExit as e:  # the demo model has not been trained into assets/demo yet
+        assert not DEMO.is_dir() and "demo model is missing" in str(e)
+    else:
+        assert editor.model.name == "demo" and "no-such-org/no-such-model" in notice
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "falling back to the bundled demo model" in lines[0]
+    assert "no-such-org/no-such-model" in lines[0]
+
+
+def test_importing_app_loads_nothing_heavy():
+    import subprocess
+    import sys
+
+    code = "import app, sys; print(sorted(m for m in ('torch', 'gradio', 'diffusers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+    args = __import__("app").parse_args(["--model", "demo", "--port", "7999", "--share"])
+    assert (args.model, args.port, args.share, args.device, args.host) == ("demo", 7999, True, None, None)

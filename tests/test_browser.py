@@ -72,16 +72,18 @@ def test_paint_generate_download(browser, app_url, app_editor, tmp_path):  # noq
 
     page.fill("#prompt textarea", "a red circle")
     page.get_by_role("button", name="Settings").first.click()
-    for name, value in (("num-candidates", 2), ("num-inference-steps", min(app_editor.defaults.num_inference_steps, 10))):
+    steps = min(app_editor.defaults.num_inference_steps, 10)
+    for name, value in (("num-candidates", 2), ("num-inference-steps", steps)):
         page.fill(f"#{name} input[type=number]", str(value))
-        page.keyboard.press("Enter")
+        page.keyboard.press("Tab")
+        page.wait_for_function(f"() => document.querySelector('#{name} input[type=range]').value === '{value}'")
     page.click("#generate")
-    page.wait_for_selector("#gallery img", timeout=120_000)
-    assert page.locator("#gallery img").count() == 2
+    page.wait_for_selector("#gallery .thumbnail-item", timeout=120_000)
+    assert page.locator("#gallery .thumbnail-item").count() == 2
     seed = int(page.input_value("#seed input"))  # randomized, written back
     assert f"#1 · seed {seed}" in page.inner_text("#gallery")
 
-    page.locator("#gallery button").first.click()  # select the best candidate
+    page.click("#gallery [aria-label^='Thumbnail 1 ']")  # select the best candidate
     page.wait_for_function("() => !document.querySelector('#download').disabled", timeout=10_000)
     with page.expect_download() as download:
         page.click("#download")
