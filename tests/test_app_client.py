@@ -327,3 +327,18 @@ def test_importing_app_loads_nothing_heavy():
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
     args = __import__("app").parse_args(["--model", "demo", "--port", "7999", "--share"])
     assert (args.model, args.port, args.share, args.device, args.host) == ("demo", 7999, True, None, None)
+
+
+def test_gpu_decorator_is_the_identity_off_zerogpu(monkeypatch):
+    from ui import zerogpu
+
+    def work(x):
+        return x + 1
+
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    assert not zerogpu.on_zerogpu() and zerogpu.gpu(60)(work) is work
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")  # a ZeroGPU Space without the `spaces` package: still the identity
+    has_spaces = __import__("importlib").util.find_spec("spaces") is not None
+    assert zerogpu.on_zerogpu() == has_spaces
+    if not has_spaces:
+        assert zerogpu.gpu(60)(work) is work

@@ -10,7 +10,7 @@ F = TypeVar("F", bound=Callable)
 
 def on_zerogpu() -> bool:
     """True on a ZeroGPU Space (it sets SPACES_ZERO_GPU) where the `spaces` package is importable."""
-    if os.environ.get("SPACES_ZERO_GPU", "").lower() not in ("1", "true", "yes"):
+    if os.environ.get("SPACES_ZERO_GPU", "").strip().lower() in ("", "0", "false", "no"):
         return False
     try:
         import spaces  # noqa: F401
