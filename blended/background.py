@@ -1,0 +1,419 @@
+"""Background reconstruction (paper §4.2): the VAE is lossy, so what lies outside the mask comes back
+changed after decoding (faces, text, texture). Five remedies, from free to per-edit training:
+
+    none     the decoded candidates as they are
+    stitch   source pixels outside the mask, the candidate inside, a feathered seam just outside the mask
+    poisson  gradient-domain cloning of the masked region into the source (OpenCV `seamlessClone`)
+    latent   optimise the latents so that the frozen decoder gives the source outside, the candidate inside
+    decoder  fine-tune a per-edit copy of the decoder to do the same, then decode the candidate's latents
+
+`latent` and `decoder` work on a window of the latents: the mask's box plus `decoder_margin` latent
+pixels. Only the window is decoded and optimised (the decoder is convolutional); its inner part is
+pasted over the source and its outer half fades into it, so outside the window the source is kept
+exactly. A margin that covers the image gives the paper's whole-image version.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import BACKGROUND_METHODS, EditConfig
+from .errors import EditCancelled, InputError
+
+Progress = Callable[[int, int], None]  # (done, total) optimisation steps
+ShouldStop = Callable[[], bool]
+
+MIN_IMPROVEMENT = 0.01  # early stopping: a step "improves" when the loss falls below (1 - this) x the best so far
+
+
+def reconstruct(method: str, *, editor: Any, latents: torch.Tensor, decoded: torch.Tensor, source: torch.Tensor,
+                mask: torch.Tensor, config: EditConfig, progress: Optional[Progress] = None,
+                should_stop: Optional[ShouldStop] = None) -> torch.Tensor:
+    """Make the candidates keep the source outside the mask.
+
+    Args:
+        method: one of `BACKGROUND_METHODS`.
+        editor: the `Editor`; its `model.pipe.vae` is read (never changed) by `latent` and `decoder`.
+        latents: (B, C, h, w) final scaled latents of the candidates.
+        decoded: (B, 3, H, W) in [-1, 1], the candidates decoded from `latents`.
+        source: (1, 3, H, W) in [-1, 1], the source image at work size.
+        mask: (1, 1, H, W) in {0, 1}, 1 = edited region.
+        config: the edit's settings (`feather`, `decoder_*`, `latent_*`).
+        progress: called with (done, total) optimisation steps.
+        should_stop: polled before every optimisation step; True raises `EditCancelled`.
+
+    Returns:
+        (B, 3, H, W) float images in [-1, 1].
+    """
+    if method not in BACKGROUND_METHODS:
+        raise InputError(f"unknown background method '{method}': use one of {', '.join(BACKGROUND_METHODS)}")
+    _check_shapes(latents, decoded, source, mask)
+    decoded, source, mask = decoded.float(), source.float(), (mask.float() > 0.5).float()
+    if method == "none":
+        return decoded
+    if mask.sum() == 0:  # nothing edited: the source itself
+        return source.expand_as(decoded).clone()
+    if mask.min() == 1:  # everything edited: no background to keep
+        return decoded
+    if method == "stitch":
+        return stitch(decoded, source, mask, config.feather)
+    if method == "poisson":
+        return poisson(decoded, source, mask)
+    vae = editor.model.pipe.vae
+    common = dict(margin=config.decoder_margin, patience=config.decoder_patience, lam=config.decoder_lambda,
+                  batch_size=config.batch_size, progress=progress, should_stop=should_stop)
+    if method == "latent":
+        return optimize_latents(vae, latents, decoded, source, mask, steps=config.latent_steps, lr=config.latent_lr,
+                                **common)
+    return finetune_decoder(vae, latents, decoded, source, mask, steps=config.decoder_steps, lr=config.decoder_lr,
+                            **common)
+
+
+def _check_shapes(latents: torch.Tensor, decoded: torch.Tensor, source: torch.Tensor, mask: torch.Tensor) -> None:
+    B, _, H, W = decoded.shape
+    if latents.dim() != 4 or latents.shape[0] != B:
+        raise ValueError(f"latents {tuple(latents.shape)} do not match decoded {tuple(decoded.shape)}")
+    if source.shape != (1, 3, H, W) or mask.shape != (1, 1, H, W):
+        raise ValueError(f"source {tuple(source.shape)} and mask {tuple(mask.shape)} must be (1, 3, {H}, {W}) "
+                         f"and (1, 1, {H}, {W})")
+    if H % latents.shape[2] or W % latents.shape[3] or H // latents.shape[2] != W // latents.shape[3]:
+        raise ValueError(f"latents {tuple(latents.shape)} do not tile images of {H}x{W}")
+
+
+# -- stitch ----------------------------------------------------------------------------------------
+
+def feather_weights(mask: torch.Tensor, feather: int) -> torch.Tensor:
+    """(1, 1, H, W) weights of the candidate: 1 inside the mask, falling linearly to 0 over `feather` pixels
+    outside it (Euclidean distance), 0 beyond."""
+    import cv2
+
+    outside = (mask[0, 0] < 0.5).cpu().numpy().astype(np.uint8)
+    dist = cv2.distanceTransform(outside, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)  # 0 inside, >= 1 outside
+    w = np.clip(1.0 - dist / (feather + 1.0), 0.0, 1.0).astype(np.float32)
+    return torch.from_numpy(w)[None, None].to(mask.device)
+
+
+def stitch(decoded: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, feather: int) -> torch.Tensor:
+    """Candidate inside the mask, source outside the mask and its `feather`-pixel seam (pixel-exact there)."""
+    w = feather_weights(mask, feather)
+    return w * decoded + (1 - w) * source
+
+
+# -- poisson ---------------------------------------------------------------------------------------
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def poisson(decoded: torch.Tensor, source: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Gradient-domain blending (Pérez et al. 2003) of each candidate's masked region into the source.
+
+    OpenCV's `seamlessClone` (NORMAL_CLONE) keeps the outermost image row/column as a fixed boundary,
+    so a mask touching the image border would fade the edit into the source there. Image and mask are
+    therefore mirrored past the border first: the border behaves like a free (Neumann) edge.
+    """
+    import cv2
+
+    _, _, H, W = decoded.shape
+    m = (mask[0, 0] > 0.5).cpu().numpy().astype(np.uint8) * 255
+    touches = bool(m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any())
+    pad = max(1, min(H, W) // 2) if touches else 0
+    dst = _to_uint8(source[0])
+    if pad:
+        m = cv2.copyMakeBorder(m, pad, pad, pad, pad, cv2.BORDER_REFLECT)
+        dst = cv2.copyMakeBorder(dst, pad, pad, pad, pad, cv2.BORDER_REFLECT)
+    x, y, w, h = cv2.boundingRect(m)
+    center = (x + w // 2, y + h // 2)  # seamlessClone centres the mask's box here: same place as in the source
+    out = []
+    for cand in decoded:
+        src = _to_uint8(cand)
+        if pad:
+            src = cv2.copyMakeBorder(src, pad, pad, pad, pad, cv2.BORDER_REFLECT)
+        blended = cv2.seamlessClone(src, dst, m.copy(), center, cv2.NORMAL_CLONE)  # it writes into its mask
+        blended = blended[pad:pad + H, pad:pad + W]
+        out.append(torch.from_numpy(blended.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1))
+    cloned = torch.stack(out).to(decoded.device)
+    return mask * cloned + (1 - mask) * source  # the source outside, exactly
+
+
+# -- the window that `latent` and `decoder` optimise ------------------------------------------------
+
+@dataclass(frozen=True)
+class Window:
+    """Latent rows top:bottom and columns left:right (the mask's box plus a margin) and the pixels under them."""
+
+    top: int
+    left: int
+    bottom: int
+    right: int
+    factor: int  # pixels per latent along one side
+    fade: int  # pixels over which the decoded window fades into the source at sides inside the image
+
+    def latents(self, z: torch.Tensor) -> torch.Tensor:
+        return z[..., self.top:self.bottom, self.left:self.right]
+
+    def pixels(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.factor
+        return x[..., self.top * f:self.bottom * f, self.left * f:self.right * f]
+
+    def weights(self, latent_size: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """(1, 1, hp, wp) paste weights: 1 inside, ramping to 0 at window sides that are not image borders."""
+        f, (h, w) = self.factor, latent_size
+        hp, wp = (self.bottom - self.top) * f, (self.right - self.left) * f
+        ys = torch.arange(hp, device=device, dtype=torch.float32)[:, None] + 0.5
+        xs = torch.arange(wp, device=device, dtype=torch.float32)[None, :] + 0.5
+        far = torch.tensor(float("inf"), device=device)
+        d = torch.minimum(
+            torch.minimum(ys if self.top > 0 else far, (hp - ys) if self.bottom < h else far),
+            torch.minimum(xs if self.left > 0 else far, (wp - xs) if self.right < w else far))
+        return (d / self.fade).clamp(0, 1)[None, None] if self.fade > 0 else torch.ones(1, 1, hp, wp, device=device)
+
+
+def latent_window(mask: torch.Tensor, latent_size: tuple[int, int], margin: int) -> Window:
+    """The mask's box in latent pixels grown by `margin` on each side (clipped to the image); the outer
+    half of the margin is the fade."""
+    h, w = latent_size
+    f = mask.shape[-1] // w
+    rows = torch.nonzero(mask[0, 0].amax(dim=1) > 0.5).flatten()
+    cols = torch.nonzero(mask[0, 0].amax(dim=0) > 0.5).flatten()
+    top, bottom = int(rows[0]) // f, -(-(int(rows[-1]) + 1) // f)
+    left, right = int(cols[0]) // f, -(-(int(cols[-1]) + 1) // f)
+    return Window(top=max(top - margin, 0), left=max(left - margin, 0), bottom=min(bottom + margin, h),
+                  right=min(right + margin, w), factor=f, fade=margin * f // 2)
+
+
+def paste(window: Window, inner: torch.Tensor, source: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+    """The source with the decoded window (B, 3, hp, wp) pasted in, fading into the source at its sides."""
+    out = source.expand(inner.shape[0], -1, -1, -1).clone()
+    weights = window.weights(latent_size, inner.device)
+    under = window.pixels(out)
+    under.copy_(weights * inner + (1 - weights) * under)
+    return out
+
+
+# -- latent optimisation and decoder fine-tuning -----------------------------------------------------
+
+class LatentDecoder(nn.Module):
+    """Scaled latents -> images in [-1, 1]: the VAE's `post_quant_conv` and `decoder`, run as `vae.decode` runs
+    them, in stages so that a frozen front can be computed once and only the back trained.
+
+    Stages: 0 = unscale + post_quant_conv + conv_in + mid block; 1..n = the n up blocks; n + 1 = the
+    output norm and conv. With `copy_weights` (default) the modules are deep-copied to fp32 and frozen, so
+    training them never touches the shared model; without, the VAE's own modules are used (read-only use).
+    """
+
+    def __init__(self, vae: nn.Module, copy_weights: bool = True):
+        super().__init__()
+        post_quant_conv = getattr(vae, "post_quant_conv", None)
+        decoder = vae.decoder
+        if copy_weights:
+            post_quant_conv = copy.deepcopy(post_quant_conv).float() if post_quant_conv is not None else None
+            decoder = copy.deepcopy(decoder).float()
+        self.post_quant_conv, self.decoder = post_quant_conv, decoder
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        if copy_weights:
+            self.eval().requires_grad_(False)  # frozen unless a caller trains it
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.decoder.up_blocks) + 2
+
+    def stage_modules(self, start: int) -> list[nn.Module]:
+        """The modules with weights in stages `start` and later."""
+        d = self.decoder
+        front = [m for m in (self.post_quant_conv, d.conv_in, d.mid_block) if m is not None]
+        stages = [front] + [[b] for b in d.up_blocks] + [[d.conv_norm_out, d.conv_out]]
+        return [m for mods in stages[start:] for m in mods]
+
+    def run(self, x: torch.Tensor, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        """Run stages start..stop-1 on x (scaled latents when start == 0)."""
+        d, stop = self.decoder, self.num_stages if stop is None else stop
+        for i in range(start, stop):
+            if i == 0:
+                x = x / self.scaling_factor + self.shift_factor
+                if self.post_quant_conv is not None:
+                    x = self.post_quant_conv(x)
+                x = d.mid_block(d.conv_in(x), None)
+            elif i <= len(d.up_blocks):
+                x = d.up_blocks[i - 1](x, None)
+            else:
+                x = d.conv_out(d.conv_act(d.conv_norm_out(x)))
+        return x
+
+    def forward(self, latents: torch.Tensor, start: int = 0) -> torch.Tensor:
+        return self.run(latents, start)
+
+
+class _Plateau:
+    """Per-candidate early stopping: done after `patience` steps without a loss below (1 - MIN_IMPROVEMENT) x best."""
+
+    def __init__(self, n: int, patience: int):
+        self.patience, self.best, self.waited = patience, [float("inf")] * n, [0] * n
+        self.done = [False] * n
+
+    def update(self, losses: list[float]) -> list[int]:
+        """Record one step's losses; return the candidates that just became done."""
+        newly = []
+        for i, loss in enumerate(losses):
+            if self.done[i] or self.patience <= 0:
+                continue
+            if loss < self.best[i] * (1 - MIN_IMPROVEMENT):
+                self.best[i], self.waited[i] = loss, 0
+            else:
+                self.waited[i] += 1
+                if self.waited[i] >= self.patience:
+                    self.done[i] = True
+                    newly.append(i)
+        return newly
+
+
+def _targets(window: Window, decoded: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, lam: float):
+    """Window crops of the candidates, the source and the weights of both loss terms."""
+    m = window.pixels(mask)  # (1, 1, hp, wp)
+    return window.pixels(decoded), window.pixels(source), m, lam * (1 - m)
+
+
+def _loss(out: torch.Tensor, cand: torch.Tensor, src: torch.Tensor, w_in: torch.Tensor,
+          w_out: torch.Tensor) -> torch.Tensor:
+    """Per-candidate loss (B,): MSE to the candidate inside the mask + λ MSE to the source outside (paper §4.2),
+    both summed over the window and divided by its size."""
+    return (w_in * (out - cand) ** 2 + w_out * (out - src) ** 2).mean(dim=(1, 2, 3))
+
+
+def _stop_check(should_stop: Optional[ShouldStop]) -> None:
+    if should_stop is not None and should_stop():
+        raise EditCancelled("the edit was stopped")
+
+
+def _device_of(vae: nn.Module) -> torch.device:
+    return next(vae.parameters()).device
+
+
+def optimize_latents(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tensor, source: torch.Tensor,
+                     mask: torch.Tensor, *, steps: int = 100, lr: float = 0.05, lam: float = 100.0, margin: int = 4,
+                     patience: int = 10, batch_size: int = 4, progress: Optional[Progress] = None,
+                     should_stop: Optional[ShouldStop] = None) -> torch.Tensor:
+    """Background reconstruction by latent optimisation (paper §4.2): Adam on the window's latents,
+    starting from the candidates', so the frozen decoder reproduces the candidate inside the mask and
+    the source outside it. Shapes as in `reconstruct`; returns (B, 3, H, W) in [-1, 1]."""
+    dev = _device_of(vae)
+    latent_size = tuple(latents.shape[-2:])
+    decoded, source, mask = decoded.float().to(dev), source.float().to(dev), mask.float().to(dev)
+    window = latent_window(mask, latent_size, margin)
+    fp32 = all(p.dtype == torch.float32 for p in vae.decoder.parameters())
+    decode = LatentDecoder(vae, copy_weights=not fp32)  # frozen; the shared modules only when already fp32
+    cand, src, w_in, w_out = _targets(window, decoded, source, mask, lam)
+    z_all = window.latents(latents.float().to(dev))
+    B = z_all.shape[0]
+    groups = [list(range(i, min(i + batch_size, B))) for i in range(0, B, batch_size)]
+    total, outs = steps * len(groups), []
+    with torch.enable_grad():
+        for g, idx in enumerate(groups):
+            z = z_all[idx].clone().requires_grad_(True)
+            opt = torch.optim.Adam([z], lr=lr)
+            plateau, kept = _Plateau(len(idx), patience), {}
+            for step in range(steps):
+                _stop_check(should_stop)
+                per = _loss(decode(z), cand[idx], src, w_in, w_out)
+                # gradients for z only: the decoder's weights (possibly the shared model's) get no .grad
+                (z.grad,) = torch.autograd.grad(per.sum(), [z])
+                opt.step()
+                for i in plateau.update(per.tolist()):
+                    kept[i] = z[i].detach().clone()
+                if progress is not None:
+                    progress(g * steps + step + 1, total)
+                if all(plateau.done):
+                    break
+            with torch.no_grad():
+                for i, zi in kept.items():
+                    z[i] = zi
+                outs.append(decode(z))
+    if progress is not None:
+        progress(total, total)
+    return paste(window, torch.cat(outs).float(), source, latent_size)
+
+
+def _decode_each(base: nn.Module, params: dict[str, torch.Tensor], h: torch.Tensor, start: int) -> torch.Tensor:
+    """Run `base` from stage `start` on h[i] with the i-th set of the stacked parameters (G, ...) it is given
+    (the others stay `base`'s own); vectorised with vmap when G > 1."""
+    from torch.func import functional_call, vmap
+
+    if h.shape[0] == 1:
+        return functional_call(base, {k: v[0] for k, v in params.items()}, (h, start))
+    with warnings.catch_warnings():  # attention has no vmap batching rule on some backends: a loop, still right
+        warnings.filterwarnings("ignore", message=".*batching rule.*")
+        return vmap(lambda p, hi: functional_call(base, p, (hi[None], start))[0])(params, h)
+
+
+def finetune_decoder(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tensor, source: torch.Tensor,
+                     mask: torch.Tensor, *, steps: int = 75, lr: float = 1e-4, lam: float = 100.0, margin: int = 4,
+                     patience: int = 10, batch_size: int = 4, blocks: int = 0, vectorize: Optional[bool] = None,
+                     progress: Optional[Progress] = None, should_stop: Optional[ShouldStop] = None) -> torch.Tensor:
+    """Background reconstruction by per-edit decoder fine-tuning (paper §4.2): each candidate gets its own
+    fp32 copy of the decoder, trained with Adam so that it decodes the candidate's latents to the candidate
+    inside the mask and to the source outside; the copy then decodes the latents. The shared VAE is never
+    modified.
+
+    Args:
+        vectorize: train up to `batch_size` copies at once with `torch.func.vmap` (one Adam over stacked
+            weights: per-element, so the same as separate runs); default on CUDA only, where batching pays.
+        Others as in `reconstruct`.
+
+    Returns:
+        (B, 3, H, W) in [-1, 1].
+    """
+    dev = _device_of(vae)
+    latent_size = tuple(latents.shape[-2:])
+    decoded, source, mask = decoded.float().to(dev), source.float().to(dev), mask.float().to(dev)
+    window = latent_window(mask, latent_size, margin)
+    base = LatentDecoder(vae)  # fp32 copy; functional_call swaps in each candidate's weights
+    start = 0 if blocks <= 0 else max(base.num_stages - 1 - blocks, 0)  # first trained stage
+    tuned = {id(p) for m in base.stage_modules(start) for p in m.parameters()}
+    cand, src, w_in, w_out = _targets(window, decoded, source, mask, lam)
+    z_all = window.latents(latents.float().to(dev))
+    B = z_all.shape[0]
+    if vectorize is None:
+        vectorize = dev.type == "cuda"
+    size = batch_size if vectorize else 1
+    groups = [list(range(i, min(i + size, B))) for i in range(0, B, size)]
+    total, outs = steps * len(groups), []
+    with torch.enable_grad():
+        for g, idx in enumerate(groups):
+            with torch.no_grad():
+                h = base.run(z_all[idx], 0, start)  # the frozen front, once
+            # one copy of the trained weights per candidate, stacked along a new first dimension
+            params = {k: v.detach()[None].repeat(len(idx), *[1] * v.dim()).requires_grad_(True)
+                      for k, v in base.named_parameters() if id(v) in tuned}
+            opt = torch.optim.Adam(params.values(), lr=lr)
+            plateau, kept = _Plateau(len(idx), patience), {}
+            for step in range(steps):
+                _stop_check(should_stop)
+                per = _loss(_decode_each(base, params, h, start), cand[idx], src, w_in, w_out)  # (G,)
+                opt.zero_grad(set_to_none=True)
+                per.sum().backward()  # a sum: each copy gets exactly its own candidate's gradient
+                opt.step()
+                for i in plateau.update(per.tolist()):
+                    kept[i] = {k: v[i].detach().clone() for k, v in params.items()}
+                if progress is not None:
+                    progress(g * steps + step + 1, total)
+                if all(plateau.done):
+                    break
+            with torch.no_grad():
+                for i, weights in kept.items():  # copies that stopped early keep their weights of then
+                    for k, v in weights.items():
+                        params[k][i] = v
+                outs.append(_decode_each(base, params, h, start))
+            del params, opt
+    if progress is not None:
+        progress(total, total)
+    return paste(window, torch.cat(outs).float(), source, latent_size)
