@@ -12,9 +12,10 @@ Writes
 Phases (each bounded by wall-clock minutes, so the run length is predictable):
   1. data: N training scenes from tools/scenes.py (seeds 0..N-1, all < TRAIN_SEED_END)
   2. VAE (AutoencoderKL, 64 px -> 4x16x16) with L1+MSE and a tiny KL term
-  3. latents of the dataset encoded once (posterior mode); scaling_factor = 1/std
+  3. latents of the dataset encoded once (posterior mode), standardised per channel
+     (folded into the VAE's 1x1 quant convs); scaling_factor = 1/std
   4. UNet2DConditionModel + CLIPTextModel trained jointly on the cached latents
-     (epsilon prediction, min-SNR-5 loss weights, 10% empty-caption dropout, EMA)
+     (v prediction, min-SNR-5 loss weights, 10% empty-caption dropout, EMA)
   5. open_clip ranker trained contrastively on the same scenes
 """
 from __future__ import annotations
@@ -131,7 +132,7 @@ def build_schedulers():
         beta_start=0.0001,
         beta_end=0.02,
         beta_schedule="linear",
-        prediction_type="epsilon",
+        prediction_type="v_prediction",
         clip_sample=False,
     )
     train = DDPMScheduler(**kw)
@@ -230,6 +231,23 @@ def train_vae(vae, x_train, x_val, steps, minutes, batch, g):
 
 
 @torch.no_grad()
+def standardize_latent_channels(vae, mean: torch.Tensor, std: torch.Tensor):
+    """Fold a per-channel affine map into the VAE so that its latents have zero mean and unit
+    std per channel: z' = (z - mean) / std. An exact reparametrisation (quant_conv and
+    post_quant_conv are 1x1 convolutions); the standard pipelines then only need scaling_factor.
+    Without it the latent channels had stds from 0.14 to 1.4 and samples went off-distribution.
+    """
+    c = mean.numel()
+    q, pq = vae.quant_conv, vae.post_quant_conv
+    q.weight[:c] /= std[:, None, None, None]
+    q.bias[:c] = (q.bias[:c] - mean) / std
+    q.bias[c:] -= 2 * torch.log(std)
+    w = pq.weight.clone()  # (out, in, 1, 1)
+    pq.bias += w[:, :, 0, 0] @ mean
+    pq.weight.copy_(w * std[None, :, None, None])
+
+
+@torch.no_grad()
 def encode_all(vae, x, batch=256):
     out = []
     for i in range(0, x.shape[0], batch):
@@ -243,7 +261,7 @@ def train_unet(unet, text_encoder, latents, ids, empty_ids, steps, minutes, batc
     ema = [p.detach().clone() for p in params]
     alphas = sched.alphas_cumprod
     snr = alphas / (1 - alphas)
-    weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 for epsilon prediction
+    weight = torch.clamp(snr, max=5.0) / (snr + 1)  # min-SNR-5 for v prediction
     n = latents.shape[0]
     t0 = time.time()
     budget = minutes * 60
@@ -268,7 +286,8 @@ def train_unet(unet, text_encoder, latents, ids, empty_ids, steps, minutes, batc
         xt = sched.add_noise(x0, noise, t)
         cond = text_encoder(tok)[0]
         pred = unet(xt, t, cond).sample
-        loss = ((pred - noise).pow(2).mean(dim=(1, 2, 3)) * weight[t]).mean()
+        target = sched.get_velocity(x0, noise, t)
+        loss = ((pred - target).pow(2).mean(dim=(1, 2, 3)) * weight[t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -422,6 +441,7 @@ def main():
     # is busy (measured: VAE step 0.26 it/s with 2 threads vs 1.0 it/s with 1 thread).
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-ranker", action="store_true")
+    ap.add_argument("--vae-from", default=None, help="load a trained VAE folder instead of training one")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -447,18 +467,31 @@ def main():
     log(f"data ready in {time.time() - T0:.0f}s")
 
     # 2. VAE
-    vae = build_vae()
-    log(f"VAE params {nparams(vae):,}")
-    report["vae"] = train_vae(vae, x_train, x_val, args.vae_steps, args.vae_minutes, args.vae_batch, g)
-    report["vae"]["params"] = nparams(vae)
+    if args.vae_from:  # reuse a trained VAE (its latents get standardised again below)
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae_from).eval()
+        report["vae"] = {"from": args.vae_from, "params": nparams(vae)}
+        log(f"VAE loaded from {args.vae_from}")
+    else:
+        vae = build_vae()
+        log(f"VAE params {nparams(vae):,}")
+        report["vae"] = train_vae(vae, x_train, x_val, args.vae_steps, args.vae_minutes, args.vae_batch, g)
+        report["vae"]["params"] = nparams(vae)
 
     # 3. latents of the training scenes, encoded once
     t = time.time()
     latents = encode_all(vae, x_train)
+    ch_mean, ch_std = latents.mean((0, 2, 3)), latents.std((0, 2, 3))
+    log(f"raw latent channel mean {ch_mean.tolist()} std {ch_std.tolist()}")
+    standardize_latent_channels(vae, ch_mean, ch_std)
+    latents = (latents - ch_mean[None, :, None, None]) / ch_std[None, :, None, None]
     std = latents.std().item()
     vae.register_to_config(scaling_factor=round(1.0 / std, 5))
     latents = latents * vae.config.scaling_factor
     log(f"latents {tuple(latents.shape)} std {std:.4f} -> scaling_factor {vae.config.scaling_factor} ({time.time() - t:.0f}s)")
+    report["latent_channel_mean_raw"] = ch_mean.tolist()
+    report["latent_channel_std_raw"] = ch_std.tolist()
     report["latent_std"] = std
 
     # 4. UNet + text encoder
