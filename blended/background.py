@@ -74,7 +74,7 @@ def reconstruct(method: str, *, editor: Any, latents: torch.Tensor, decoded: tor
         return optimize_latents(vae, latents, decoded, source, mask, steps=config.latent_steps, lr=config.latent_lr,
                                 **common)
     return finetune_decoder(vae, latents, decoded, source, mask, steps=config.decoder_steps, lr=config.decoder_lr,
-                            **common)
+                            blocks=config.decoder_blocks, **common)
 
 
 def _check_shapes(latents: torch.Tensor, decoded: torch.Tensor, source: torch.Tensor, mask: torch.Tensor) -> None:
@@ -202,27 +202,63 @@ def paste(window: Window, inner: torch.Tensor, source: torch.Tensor, latent_size
 
 # -- latent optimisation and decoder fine-tuning -----------------------------------------------------
 
-class LatentDecoder(nn.Module):
-    """Scaled latents -> images in [-1, 1]: the VAE's `post_quant_conv` and `decoder`, run as `vae.decode` runs
-    them, in stages so that a frozen front can be computed once and only the back trained.
+class PinnedGroupNorm(nn.Module):
+    """GroupNorm that normalises with statistics recorded once on the whole image (like BatchNorm in eval mode).
 
-    Stages: 0 = unscale + post_quant_conv + conv_in + mid block; 1..n = the n up blocks; n + 1 = the
-    output norm and conv. With `copy_weights` (default) the modules are deep-copied to fp32 and frozen, so
-    training them never touches the shared model; without, the VAE's own modules are used (read-only use).
+    Decoding only a window of the latents would otherwise change every GroupNorm's statistics, so even
+    the inside of the mask would come out different from the candidate. Same `weight` / `bias` names as
+    the `nn.GroupNorm` it replaces; `mean` / `var` buffers are (B, groups), one row per candidate.
     """
 
-    def __init__(self, vae: nn.Module, copy_weights: bool = True):
+    def __init__(self, norm: nn.GroupNorm):
+        super().__init__()
+        self.num_groups, self.eps = norm.num_groups, norm.eps
+        self.weight, self.bias = norm.weight, norm.bias
+        self.register_buffer("mean", None)
+        self.register_buffer("var", None)
+        self.recording = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        groups = x.reshape(b, self.num_groups, -1)
+        if self.recording or self.mean is None:  # nothing pinned: a plain GroupNorm
+            mean, var = groups.mean(-1), groups.var(-1, unbiased=False)
+            if self.recording:
+                self.mean, self.var = mean.detach(), var.detach()
+        else:
+            mean, var = self.mean, self.var
+        groups = (groups - mean[..., None]) * torch.rsqrt(var[..., None] + self.eps)
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        return groups.reshape(x.shape) * self.weight.reshape(shape) + self.bias.reshape(shape)
+
+
+class LatentDecoder(nn.Module):
+    """Scaled latents -> images in [-1, 1]: an fp32 copy of the VAE's `post_quant_conv` and `decoder`, run as
+    `vae.decode` runs them, in stages, so that a window of the image can be decoded alone.
+
+    Stages: 0 = unscale + post_quant_conv + conv_in + mid block (at latent resolution, cheap; it holds
+    the decoder's attention, so it always runs on the whole latents); 1..n = the n up blocks; n + 1 =
+    the output norm and conv. The copy is frozen; callers train it through `torch.func.functional_call`.
+    """
+
+    def __init__(self, vae: nn.Module):
         super().__init__()
         post_quant_conv = getattr(vae, "post_quant_conv", None)
-        decoder = vae.decoder
-        if copy_weights:
-            post_quant_conv = copy.deepcopy(post_quant_conv).float() if post_quant_conv is not None else None
-            decoder = copy.deepcopy(decoder).float()
-        self.post_quant_conv, self.decoder = post_quant_conv, decoder
+        self.post_quant_conv = copy.deepcopy(post_quant_conv).float() if post_quant_conv is not None else None
+        self.decoder = copy.deepcopy(vae.decoder).float()
         self.scaling_factor = float(vae.config.scaling_factor)
         self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
-        if copy_weights:
-            self.eval().requires_grad_(False)  # frozen unless a caller trains it
+        self.eval().requires_grad_(False)
+        # after the front, GroupNorm statistics are pinned to the whole image's (see `record`)
+        for module in self.stage_modules(1):
+            for name, child in list(module.named_modules()):
+                if isinstance(child, nn.GroupNorm):
+                    parent = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+                    setattr(parent, name.rsplit(".", 1)[-1], PinnedGroupNorm(child))
+        d = self.decoder
+        if isinstance(d.conv_norm_out, nn.GroupNorm):
+            d.conv_norm_out = PinnedGroupNorm(d.conv_norm_out)
+        self.pinned = {n: m for n, m in self.named_modules() if isinstance(m, PinnedGroupNorm)}
 
     @property
     def num_stages(self) -> int:
@@ -235,23 +271,42 @@ class LatentDecoder(nn.Module):
         stages = [front] + [[b] for b in d.up_blocks] + [[d.conv_norm_out, d.conv_out]]
         return [m for mods in stages[start:] for m in mods]
 
-    def run(self, x: torch.Tensor, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
-        """Run stages start..stop-1 on x (scaled latents when start == 0)."""
+    @torch.no_grad()
+    def record(self, latents: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Decode the whole latents (B, C, h, w), recording every pinned norm's statistics.
+
+        Returns the images and the statistics as {buffer name: (B, groups)}, for `functional_call`.
+        """
+        for m in self.pinned.values():
+            m.recording = True
+        try:
+            images = self(latents)
+        finally:
+            for m in self.pinned.values():
+                m.recording = False
+        stats = {f"{n}.{k}": getattr(m, k) for n, m in self.pinned.items() for k in ("mean", "var")}
+        for m in self.pinned.values():
+            m.mean = m.var = None
+        return images, stats
+
+    def forward(self, x: torch.Tensor, start: int = 0, stop: Optional[int] = None,
+                window: Optional["Window"] = None) -> torch.Tensor:
+        """Run stages start..stop-1 on x (whole scaled latents when start == 0); with `window`, the front's
+        output is cut to the window and the rest runs on that crop only."""
         d, stop = self.decoder, self.num_stages if stop is None else stop
         for i in range(start, stop):
             if i == 0:
                 x = x / self.scaling_factor + self.shift_factor
                 if self.post_quant_conv is not None:
                     x = self.post_quant_conv(x)
-                x = d.mid_block(d.conv_in(x), None)
+                x = d.mid_block(d.conv_in(x), None)  # (B, C', h, w)
+                if window is not None:
+                    x = window.latents(x)
             elif i <= len(d.up_blocks):
                 x = d.up_blocks[i - 1](x, None)
             else:
                 x = d.conv_out(d.conv_act(d.conv_norm_out(x)))
         return x
-
-    def forward(self, latents: torch.Tensor, start: int = 0) -> torch.Tensor:
-        return self.run(latents, start)
 
 
 class _Plateau:
@@ -304,29 +359,38 @@ def optimize_latents(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tenso
                      patience: int = 10, batch_size: int = 4, progress: Optional[Progress] = None,
                      should_stop: Optional[ShouldStop] = None) -> torch.Tensor:
     """Background reconstruction by latent optimisation (paper §4.2): Adam on the window's latents,
-    starting from the candidates', so the frozen decoder reproduces the candidate inside the mask and
-    the source outside it. Shapes as in `reconstruct`; returns (B, 3, H, W) in [-1, 1]."""
+    starting from the candidates', so that the frozen decoder (an fp32 copy) reproduces the candidate
+    inside the mask and the source outside it. Shapes as in `reconstruct`; returns (B, 3, H, W) in [-1, 1]."""
+    from torch.func import functional_call
+
     dev = _device_of(vae)
     latent_size = tuple(latents.shape[-2:])
     decoded, source, mask = decoded.float().to(dev), source.float().to(dev), mask.float().to(dev)
     window = latent_window(mask, latent_size, margin)
-    fp32 = all(p.dtype == torch.float32 for p in vae.decoder.parameters())
-    decode = LatentDecoder(vae, copy_weights=not fp32)  # frozen; the shared modules only when already fp32
+    base = LatentDecoder(vae)
     cand, src, w_in, w_out = _targets(window, decoded, source, mask, lam)
-    z_all = window.latents(latents.float().to(dev))
-    B = z_all.shape[0]
+    latents = latents.float().to(dev)
+    B = latents.shape[0]
     groups = [list(range(i, min(i + batch_size, B))) for i in range(0, B, batch_size)]
     total, outs = steps * len(groups), []
+    sl = (..., slice(window.top, window.bottom), slice(window.left, window.right))
     with torch.enable_grad():
         for g, idx in enumerate(groups):
-            z = z_all[idx].clone().requires_grad_(True)
+            _, stats = base.record(latents[idx])
+            z = latents[idx][sl].clone().requires_grad_(True)  # (G, C, window)
+
+            def decode(z):
+                whole = latents[idx].clone()
+                whole[sl] = z  # the window's latents in the whole latents: the front sees everything
+                return functional_call(base, stats, (whole, 0, None, window))
+
             opt = torch.optim.Adam([z], lr=lr)
             plateau, kept = _Plateau(len(idx), patience), {}
             for step in range(steps):
                 _stop_check(should_stop)
                 per = _loss(decode(z), cand[idx], src, w_in, w_out)
-                # gradients for z only: the decoder's weights (possibly the shared model's) get no .grad
-                (z.grad,) = torch.autograd.grad(per.sum(), [z])
+                opt.zero_grad(set_to_none=True)
+                per.sum().backward()  # a sum: each candidate's latents get their own gradient
                 opt.step()
                 for i in plateau.update(per.tolist()):
                     kept[i] = z[i].detach().clone()
@@ -335,24 +399,25 @@ def optimize_latents(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tenso
                 if all(plateau.done):
                     break
             with torch.no_grad():
-                for i, zi in kept.items():
+                for i, zi in kept.items():  # candidates that stopped early keep their latents of then
                     z[i] = zi
                 outs.append(decode(z))
     if progress is not None:
         progress(total, total)
-    return paste(window, torch.cat(outs).float(), source, latent_size)
+    return paste(window, torch.cat(outs), source, latent_size)
 
 
-def _decode_each(base: nn.Module, params: dict[str, torch.Tensor], h: torch.Tensor, start: int) -> torch.Tensor:
-    """Run `base` from stage `start` on h[i] with the i-th set of the stacked parameters (G, ...) it is given
-    (the others stay `base`'s own); vectorised with vmap when G > 1."""
+def _decode_each(base: LatentDecoder, tensors: dict[str, torch.Tensor], x: torch.Tensor, start: int,
+                 window: Window, stop: Optional[int] = None) -> torch.Tensor:
+    """Run `base` on x[i] with the i-th slice of each stacked tensor (G, ...) it is given (weights, pinned
+    statistics) swapped in; vectorised with vmap when G > 1."""
     from torch.func import functional_call, vmap
 
-    if h.shape[0] == 1:
-        return functional_call(base, {k: v[0] for k, v in params.items()}, (h, start))
+    if x.shape[0] == 1:
+        return functional_call(base, {k: v[0] for k, v in tensors.items()}, (x, start, stop, window))
     with warnings.catch_warnings():  # attention has no vmap batching rule on some backends: a loop, still right
         warnings.filterwarnings("ignore", message=".*batching rule.*")
-        return vmap(lambda p, hi: functional_call(base, p, (hi[None], start))[0])(params, h)
+        return vmap(lambda t, xi: functional_call(base, t, (xi[None], start, stop, window))[0])(tensors, x)
 
 
 def finetune_decoder(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tensor, source: torch.Tensor,
@@ -372,6 +437,8 @@ def finetune_decoder(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tenso
     Returns:
         (B, 3, H, W) in [-1, 1].
     """
+    from torch.func import functional_call
+
     dev = _device_of(vae)
     latent_size = tuple(latents.shape[-2:])
     decoded, source, mask = decoded.float().to(dev), source.float().to(dev), mask.float().to(dev)
@@ -380,8 +447,8 @@ def finetune_decoder(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tenso
     start = 0 if blocks <= 0 else max(base.num_stages - 1 - blocks, 0)  # first trained stage
     tuned = {id(p) for m in base.stage_modules(start) for p in m.parameters()}
     cand, src, w_in, w_out = _targets(window, decoded, source, mask, lam)
-    z_all = window.latents(latents.float().to(dev))
-    B = z_all.shape[0]
+    latents = latents.float().to(dev)
+    B = latents.shape[0]
     if vectorize is None:
         vectorize = dev.type == "cuda"
     size = batch_size if vectorize else 1
@@ -389,8 +456,12 @@ def finetune_decoder(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tenso
     total, outs = steps * len(groups), []
     with torch.enable_grad():
         for g, idx in enumerate(groups):
-            with torch.no_grad():
-                h = base.run(z_all[idx], 0, start)  # the frozen front, once
+            _, stats = base.record(latents[idx])  # {name: (G, groups)}
+            x = latents[idx]
+            if start > 0:  # the frozen stages, once: the front on the whole latents, the rest on the window
+                with torch.no_grad():
+                    x = functional_call(base, stats, (x, 0, start, window))
+            stats = {k: v[:, None] for k, v in stats.items()}  # (G, 1, groups): one row per copy
             # one copy of the trained weights per candidate, stacked along a new first dimension
             params = {k: v.detach()[None].repeat(len(idx), *[1] * v.dim()).requires_grad_(True)
                       for k, v in base.named_parameters() if id(v) in tuned}
@@ -398,7 +469,8 @@ def finetune_decoder(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tenso
             plateau, kept = _Plateau(len(idx), patience), {}
             for step in range(steps):
                 _stop_check(should_stop)
-                per = _loss(_decode_each(base, params, h, start), cand[idx], src, w_in, w_out)  # (G,)
+                out = _decode_each(base, {**params, **stats}, x, start, window)  # (G, 3, hp, wp)
+                per = _loss(out, cand[idx], src, w_in, w_out)  # (G,)
                 opt.zero_grad(set_to_none=True)
                 per.sum().backward()  # a sum: each copy gets exactly its own candidate's gradient
                 opt.step()
@@ -412,7 +484,7 @@ def finetune_decoder(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tenso
                 for i, weights in kept.items():  # copies that stopped early keep their weights of then
                     for k, v in weights.items():
                         params[k][i] = v
-                outs.append(_decode_each(base, params, h, start))
+                outs.append(_decode_each(base, {**params, **stats}, x, start, window))
             del params, opt
     if progress is not None:
         progress(total, total)

@@ -33,6 +33,7 @@ class EditConfig:
     decoder_lr: float = 1e-4  # Adam learning rate of decoder fine-tuning (paper: 1e-4)
     decoder_lambda: float = 100.0  # weight of the source term outside the mask, `decoder` and `latent` (paper: 100)
     decoder_margin: int = 4  # latent pixels around the mask's box that `decoder`/`latent` optimise and decode; the outer half fades into the source
+    decoder_blocks: int = 0  # `decoder` fine-tunes only the last N up blocks and the output layers (faster); 0 = the whole decoder (paper)
     decoder_patience: int = 10  # `decoder`/`latent` stop a candidate after this many steps without 1% lower loss; 0 = all steps
     latent_steps: int = 100  # Adam steps of `latent` background optimisation
     latent_lr: float = 0.05  # Adam learning rate of `latent` (on scaled latents)
@@ -66,6 +67,7 @@ class EditConfig:
             (0.0 < self.decoder_lr <= 1.0, "decoder_lr must be in (0, 1]"),
             (0.0 <= self.decoder_lambda <= 1e6, "decoder_lambda must be between 0 and 1e6"),
             (0 <= self.decoder_margin <= 1024, "decoder_margin must be between 0 and 1024 latent pixels"),
+            (0 <= self.decoder_blocks <= 16, "decoder_blocks must be between 0 (all) and 16"),
             (0 <= self.decoder_patience <= 1000, "decoder_patience must be between 0 and 1000 steps"),
             (1 <= self.latent_steps <= 1000, "latent_steps must be between 1 and 1000"),
             (0.0 < self.latent_lr <= 10.0, "latent_lr must be in (0, 10]"),

@@ -93,14 +93,25 @@ def test_vae_is_lossy_but_trained(vae, edit):
     assert 15 < p < 35, p  # learned something, still visibly lossy
 
 
-def test_latent_decoder_matches_vae_decode(vae, edit):
-    latents = edit[0]
+def test_latent_decoder_matches_vae_decode_and_decodes_a_window_alone(vae, edit):
+    from torch.func import functional_call
+
+    latents, _, _, mask = edit
     with torch.no_grad():
         ref = vae.decode(latents / vae.config.scaling_factor).sample
         dec = bg.LatentDecoder(vae)
         assert torch.allclose(dec(latents), ref, atol=1e-5)
-        mid = dec.run(latents, 0, 2)  # stages run in two parts give the same
-        assert torch.allclose(dec(mid, start=2), ref, atol=1e-5)
+        images, stats = dec.record(latents)
+        assert torch.allclose(images, ref, atol=1e-5) and all(v.shape[0] == 2 for v in stats.values())
+        mid = functional_call(dec, stats, (latents, 0, 2))  # stages run in two parts give the same
+        assert torch.allclose(functional_call(dec, stats, (mid, 2)), ref, atol=1e-5)
+        # a window decoded alone, with the whole image's pinned GroupNorm statistics, matches inside the mask
+        window = bg.latent_window(mask, (8, 8), 1)
+        crop = functional_call(dec, stats, (latents, 0, None, window))
+        inside = window.pixels(mask).bool().expand_as(crop)
+        err = (crop - window.pixels(ref))[inside].abs().mean()
+        unpinned = bg.LatentDecoder(vae)(latents, 0, None, window)  # the window's own statistics: off
+        assert err < 0.02 and (unpinned - window.pixels(ref))[inside].abs().mean() > 3 * err
 
 
 def test_stitch_pixel_exact_outside_mask_and_feather():
