@@ -31,7 +31,7 @@ from .errors import EditCancelled, InputError
 Progress = Callable[[int, int], None]  # (done, total) optimisation steps
 ShouldStop = Callable[[], bool]
 
-MIN_IMPROVEMENT = 0.01  # early stopping: a step "improves" when the loss falls below (1 - this) x the best so far
+MIN_IMPROVEMENT = 0.1  # early stopping: a candidate is done when `patience` steps lowered its loss by less than this
 
 
 def reconstruct(method: str, *, editor: Any, latents: torch.Tensor, decoded: torch.Tensor, source: torch.Tensor,
@@ -310,10 +310,11 @@ class LatentDecoder(nn.Module):
 
 
 class _Plateau:
-    """Per-candidate early stopping: done after `patience` steps without a loss below (1 - MIN_IMPROVEMENT) x best."""
+    """Per-candidate early stopping: done once the loss fell by less than MIN_IMPROVEMENT (relative) over the
+    last `patience` steps (0 = never)."""
 
     def __init__(self, n: int, patience: int):
-        self.patience, self.best, self.waited = patience, [float("inf")] * n, [0] * n
+        self.patience, self.history = patience, [[] for _ in range(n)]
         self.done = [False] * n
 
     def update(self, losses: list[float]) -> list[int]:
@@ -322,13 +323,11 @@ class _Plateau:
         for i, loss in enumerate(losses):
             if self.done[i] or self.patience <= 0:
                 continue
-            if loss < self.best[i] * (1 - MIN_IMPROVEMENT):
-                self.best[i], self.waited[i] = loss, 0
-            else:
-                self.waited[i] += 1
-                if self.waited[i] >= self.patience:
-                    self.done[i] = True
-                    newly.append(i)
+            h = self.history[i]
+            h.append(loss)
+            if len(h) > self.patience and h[-1] > (1 - MIN_IMPROVEMENT) * h[-1 - self.patience]:
+                self.done[i] = True
+                newly.append(i)
         return newly
 
 

@@ -34,7 +34,7 @@ class EditConfig:
     decoder_lambda: float = 100.0  # weight of the source term outside the mask, `decoder` and `latent` (paper: 100)
     decoder_margin: int = 4  # latent pixels around the mask's box that `decoder`/`latent` optimise and decode; the outer half fades into the source
     decoder_blocks: int = 0  # `decoder` fine-tunes only the last N up blocks and the output layers (faster); 0 = the whole decoder (paper)
-    decoder_patience: int = 10  # `decoder`/`latent` stop a candidate after this many steps without 1% lower loss; 0 = all steps
+    decoder_patience: int = 10  # `decoder`/`latent` stop a candidate once this many steps lowered its loss by < 10%; 0 = all steps
     latent_steps: int = 100  # Adam steps of `latent` background optimisation
     latent_lr: float = 0.05  # Adam learning rate of `latent` (on scaled latents)
     rank: bool = True  # score candidates with CLIP and sort them best first

@@ -307,3 +307,11 @@ def test_editor_end_to_end(sd1_editor, method):
             assert (out[far] == src[far]).all()
         else:
             assert out.shape == src.shape and not (out[m] == src[m]).all()
+
+
+def test_latent_decoder_decodes_like_the_editor(sd1_editor):
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        ref = sd1_editor.vae_decode(latents)
+        assert torch.allclose(bg.LatentDecoder(sd1_editor.model.pipe.vae)(latents), ref, atol=1e-5)
