@@ -387,8 +387,8 @@ def main(argv=None) -> None:
                      "plus that decode.", "", table, ""]
 
     if not args.no_doc:
-        text = DOC.read_text() if DOC.exists() else "# Background reconstruction\n\n<!-- bench:start -->\n<!-- bench:end -->\n"
         start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+        text = DOC.read_text() if DOC.exists() else f"# Background reconstruction\n\n{start}\n{end}\n"
         head, rest = text.split(start, 1)
         tail = rest.split(end, 1)[1]
         DOC.write_text(head + start + "\n" + "\n".join(sections) + "\n" + end + tail)

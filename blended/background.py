@@ -8,9 +8,10 @@ changed after decoding (faces, text, texture). Five remedies, from free to per-e
     decoder  fine-tune a per-edit copy of the decoder to do the same, then decode the candidate's latents
 
 `latent` and `decoder` work on a window of the latents: the mask's box plus `decoder_margin` latent
-pixels. Only the window is decoded and optimised (the decoder is convolutional); its inner part is
-pasted over the source and its outer half fades into it, so outside the window the source is kept
-exactly. A margin that covers the image gives the paper's whole-image version.
+pixels. Only the window goes through the decoder's up blocks (the front, with its attention, runs on
+the whole latents; GroupNorm statistics are pinned to the whole image's), so it decodes as the whole
+image would. The decoded window is pasted over the source, its outer half fading into it: outside the
+window the source is kept exactly. A margin that covers the image gives the paper's whole-image version.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import BACKGROUND_METHODS, EditConfig

@@ -32,9 +32,9 @@ class EditConfig:
     decoder_steps: int = 75  # Adam steps of per-edit decoder fine-tuning (paper: 75)
     decoder_lr: float = 1e-4  # Adam learning rate of decoder fine-tuning (paper: 1e-4)
     decoder_lambda: float = 100.0  # weight of the source term outside the mask, `decoder` and `latent` (paper: 100)
-    decoder_margin: int = 4  # latent pixels around the mask's box that `decoder`/`latent` optimise and decode; the outer half fades into the source
-    decoder_blocks: int = 0  # `decoder` fine-tunes only the last N up blocks and the output layers (faster); 0 = the whole decoder (paper)
-    decoder_patience: int = 10  # `decoder`/`latent` stop a candidate once this many steps lowered its loss by < 10%; 0 = all steps
+    decoder_margin: int = 4  # latent pixels around the mask's box that `decoder`/`latent` decode (outer half fades)
+    decoder_blocks: int = 0  # `decoder` tunes only the last N up blocks + output layers; 0 = all (paper)
+    decoder_patience: int = 10  # `decoder`/`latent` stop once this many steps cut the loss < 10%; 0 = never
     latent_steps: int = 100  # Adam steps of `latent` background optimisation
     latent_lr: float = 0.05  # Adam learning rate of `latent` (on scaled latents)
     rank: bool = True  # score candidates with CLIP and sort them best first
