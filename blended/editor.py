@@ -234,6 +234,9 @@ class Editor:
             cfg.validate()
         except ValueError as e:
             raise InputError(str(e)) from None
+        train_steps = int(getattr(self.model.pipe.scheduler.config, "num_train_timesteps", 1000))
+        if cfg.num_inference_steps >= train_steps:
+            raise InputError(f"num_inference_steps must be below the model's {train_steps} training timesteps")
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("the prompt is empty: describe what should appear inside the mask")
         prompt = prompt.strip()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -87,6 +88,29 @@ def pick_device(device: Optional[str] = None, dtype: Optional[str] = None) -> tu
     return dev, dt
 
 
+@contextmanager
+def _quiet_loading():
+    """Silence diffusers' and transformers' warnings and loading bars; downloads keep their own bars."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    saved = (diffusers_logging.get_verbosity(), transformers_logging.get_verbosity(),
+             diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled())
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(saved[0])
+        transformers_logging.set_verbosity(saved[1])
+        if saved[2]:
+            diffusers_logging.enable_progress_bar()
+        if saved[3]:
+            transformers_logging.enable_progress_bar()
+
+
 def load_model(model: str = DEFAULT_MODEL, *, device: Optional[str] = None, dtype: Optional[str] = None,
                local_files_only: Optional[bool] = None) -> LoadedModel:
     """Load a diffusers text-to-image checkpoint of the SD 1.x, 2.x or SDXL family (safetensors only).
@@ -113,12 +137,9 @@ def load_model(model: str = DEFAULT_MODEL, *, device: Optional[str] = None, dtyp
     kwargs: dict[str, Any] = {"dtype": dt, "use_safetensors": True}
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
-    from diffusers.utils import logging as diffusers_logging
-
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # the hub's retry chatter would bury our one-line message
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+        with _quiet_loading():  # the hub's retry chatter and per-file bars would bury our one-line message
+            pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     except Exception as e:  # diffusers raises many kinds; the user needs one line
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if not is_dir and ("offline" in reason.lower() or "connect" in reason.lower() or "resolve" in reason.lower()
@@ -126,8 +147,6 @@ def load_model(model: str = DEFAULT_MODEL, *, device: Optional[str] = None, dtyp
             reason = "not in the local cache and the hub cannot be reached"
         where = "" if source == model else f" ({source})"
         raise ModelLoadError(f"could not load model '{model}'{where}: {reason[:300]}") from e
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
     if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
         raise ModelLoadError(f"model '{model}' is a {type(pipe).__name__}; blended edits with Stable Diffusion "
                              "1.x/2.x/SDXL text-to-image checkpoints")

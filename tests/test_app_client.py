@@ -147,7 +147,7 @@ def test_stop_halts_a_running_edit(server, app_editor, tmp_path):
     client = Client(server, verbose=False)
     image, mask, _ = make_case(app_editor, tmp_path)
     job = client.submit(handle_file(str(image)), handle_file(str(mask)), "a red circle",
-                        {"num_inference_steps": 900, "blend_start": 0.0, "num_candidates": 1}, api_name="/edit")
+                        {"num_inference_steps": 900, "blend_start": 0.0, "num_candidates": 3}, api_name="/edit")
     deadline = time.time() + 60
     desc = None
     while time.time() < deadline and not (desc or "").startswith("denoising") and not job.done():
@@ -155,9 +155,16 @@ def test_stop_halts_a_running_edit(server, app_editor, tmp_path):
         desc = progress[0].desc if progress else None
         time.sleep(0.05)
     assert desc is not None and desc.startswith("denoising ") and desc.endswith("/900"), desc
+    stopped_at = time.perf_counter()
     client.predict(api_name="/stop")
     with pytest.raises(Exception, match="stopped"):  # had it not stopped, the edit would end with a result
         job.result(timeout=120)
+    # the worker is free again at once (one edit at a time on this server: a stuck one would block the next)
+    gallery, _ = client.predict(handle_file(str(image)), handle_file(str(mask)), "a red circle",
+                                fast(app_editor, num_candidates=1), api_name="/edit")
+    freed_in = time.perf_counter() - stopped_at
+    assert len(gallery) == 1
+    assert freed_in < 8.0, f"the next edit finished {freed_in:.1f} s after Stop"  # the 900 steps take ~19 s here
 
 
 # -- the glue, without a server ---------------------------------------------------------------------------

@@ -78,6 +78,8 @@ CASES = [  # (id, image, mask, prompt, settings, expected error message or None 
     ("odd Unicode prompt", GOOD, MASK, "a 🐱 in 東京, ‮rtl‬, zero\u200bwidth, cafe\u0301", {}, None),
     ("steps 0", GOOD, MASK, "a cat", {"num_inference_steps": 0}, "num_inference_steps"),
     ("steps huge", GOOD, MASK, "a cat", {"num_inference_steps": 10**6}, "num_inference_steps"),
+    ("steps = training timesteps", GOOD, MASK, "a cat", {"num_inference_steps": 1000, "blend_start": 0.0},
+     "training timesteps"),
     ("guidance negative", GOOD, MASK, "a cat", {"guidance_scale": -2.0}, "guidance_scale"),
     ("guidance NaN", GOOD, MASK, "a cat", {"guidance_scale": float("nan")}, "guidance_scale"),
     ("blend_start negative", GOOD, MASK, "a cat", {"blend_start": -0.1}, "blend_start"),
