@@ -349,3 +349,20 @@ def test_gpu_decorator_is_the_identity_off_zerogpu(monkeypatch):
     assert zerogpu.on_zerogpu() == has_spaces
     if not has_spaces:
         assert zerogpu.gpu(60)(work) is work
+
+
+def test_output_files_are_pruned_after_their_time(tmp_path):
+    import os
+
+    from ui.editing import OutputDir, caption
+
+    files = OutputDir(keep_seconds=60, root=tmp_path)
+    image = Image.new("RGB", (8, 8), (200, 10, 10))
+    old_source, old_paths = files.save(image, [Candidate(image, seed=1)])
+    old_folder = Path(old_source).parent
+    os.utime(old_folder, (time.time() - 120, time.time() - 120))  # two minutes old
+    new_source, new_paths = files.save(image, [Candidate(image, seed=2), Candidate(image, seed=3)])
+    assert not old_folder.exists() and not Path(old_paths[0]).exists()  # pruned on the next save
+    assert Path(new_source).is_file() and [Path(p).name for p in new_paths] == ["rank1-seed2.png", "rank2-seed3.png"]
+    assert Image.open(new_paths[0]).format == "PNG"
+    assert "filtered by the safety checker" in caption(1, Candidate(image, seed=4, filtered=True))

@@ -316,3 +316,30 @@ def test_latent_decoder_decodes_like_the_editor(sd1_editor):
     with torch.no_grad():
         ref = sd1_editor.vae_decode(latents)
         assert torch.allclose(bg.LatentDecoder(sd1_editor.model.pipe.vae)(latents), ref, atol=1e-5)
+
+
+def test_two_concurrent_decoder_edits_do_not_affect_each_other(vae, edit):
+    """Two users' decoder fine-tunings running at the same time on the shared VAE give exactly what each
+    gives alone: every edit tunes a copy of its own."""
+    import threading
+
+    latents, decoded, source, mask = edit
+    other_source = smooth_images(1, seed=11)
+    jobs = [(latents[:1], decoded[:1], source), (latents[1:], decoded[1:], other_source)]
+    kw = dict(steps=12, lr=3e-3, margin=2, patience=0)
+    alone = [bg.finetune_decoder(vae, z, d, s, mask, **kw) for z, d, s in jobs]
+    together: dict[int, torch.Tensor] = {}
+    start = threading.Barrier(2)
+
+    def run(i):
+        start.wait()
+        together[i] = bg.finetune_decoder(vae, *jobs[i][:2], jobs[i][2], mask, **kw)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        assert torch.equal(together[i], alone[i])
+    assert not torch.allclose(alone[0], alone[1], atol=1e-2)

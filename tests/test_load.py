@@ -95,3 +95,31 @@ def test_a_full_queue_turns_the_excess_away_with_a_message(app_editor, tmp_path)
         assert len(gallery) == 1
     finally:
         demo.close()
+
+
+def test_the_server_serves_its_outputs_and_examples_but_nothing_else(busy_server, app_editor, tmp_path):  # noqa: F811
+    """The real app (allowed_paths = the examples and photos only): no path from a request reaches other files."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from bench.load import ROOT
+
+    url, _ = busy_server
+
+    def status(path: str) -> int:
+        try:
+            with urllib.request.urlopen(url + "gradio_api/file=" + urllib.parse.quote(path), timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    example = next((ROOT / "assets" / "examples").glob("*.png"))
+    assert status(str(example)) == 200
+    for path in ["/etc/passwd", str(ROOT / "app.py"), str(ROOT / "assets" / "demo" / "model_index.json"),
+                 str(ROOT / "assets" / "examples" / ".." / ".." / "app.py"), "../../app.py", str(tmp_path),
+                 "/proc/self/environ"]:
+        assert status(path) in (403, 404), path
+    # an edit's outputs are served to the client, as PNG
+    _, (prompt, gallery, _) = next(iter(rush(url, *make_case(app_editor, tmp_path)[:2], 1, 1)[0].items()))
+    assert gallery[0]["image"].endswith(".png")
