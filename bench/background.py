@@ -335,7 +335,12 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     ap.add_argument("--skip", default="", help="parts to skip, e.g. 'C'")
     ap.add_argument("--no-doc", action="store_true", help="print only, leave docs/background.md as it is")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: 1 edit x 2 candidates, no photos, a tiny SD graph; prints only")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.cases, args.candidates, args.sd_divisor, args.sd_size, args.no_doc = 1, 2, 16, 64, True
+        args.skip += "B"
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*batching rule.*")
     command = "python bench/background.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -101,8 +101,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--n", type=int, default=None, help="held-out edits per section")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: 1 with --quick, else 2; use 1 while other jobs share the CPU)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads or (1 if args.quick else 2))
     from blended import Editor
 
     editor = Editor.load("demo")

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from common import CallCounter, PeakRSS, centre_mask, params, scene, sd_components, table, write_doc
+from common import ROOT, CallCounter, PeakRSS, centre_mask, params, plot, scene, sd_components, table, write_doc
 
 
 def make_editor(components: dict):
@@ -40,11 +40,11 @@ def make_inpaint(components: dict):
     return pipe
 
 
-def run_ours(editor, image, mask, n, steps, blend_start, shrink=True, background="none"):
+def run_ours(editor, image, mask, n, steps, blend_start, shrink=True, background="none", rank=False, **more):
     t = time.perf_counter()
     r = editor.edit(image, mask, "a red circle", num_candidates=n, batch_size=n, num_inference_steps=steps,
-                    blend_start=blend_start, guidance_scale=7.5, seed=0, rank=False, shrink=shrink,
-                    background=background)
+                    blend_start=blend_start, guidance_scale=7.5, seed=0, rank=rank, shrink=shrink,
+                    background=background, **more)
     return time.perf_counter() - t, r
 
 
@@ -60,8 +60,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny widths and sizes: a smoke test")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: 1 with --quick, else 2; use 1 while other jobs share the CPU)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads or (1 if args.quick else 2))
     width, size, steps, n, reps = (0.1, 64, 4, 2, 2) if args.quick else (0.25, 256, 12, 4, 3)
     reps = args.reps or reps
     blend_start = 0.25
@@ -98,27 +100,55 @@ def main() -> None:
         ["diffusers StableDiffusionInpaintPipeline", med(theirs), min(theirs), unet_theirs, mem["diffusers"]],
     ])
     ratio = med(ours) / med(theirs)
-    keys = ["prepare", "encode", "denoise", "decode", "safety", "paste", "total"]
-    t2 = table(["stage", "median s"], [[k, med([s.get(k, 0.0) for s in stages])] for k in keys])
+
+    # the whole edit: + decoder fine-tuning (paper settings, early stopping) + ranking (ViT-B-16 graph,
+    # random weights: the paper's ranker architecture, no download)
+    from blended.ranking import Ranker
+
+    editor.ranker = Ranker("ViT-B-16", None, device="cpu") if not args.quick else Ranker(
+        str(ROOT / "assets" / "demo_ranker"), None, device="cpu")
+    run_ours(editor, image, mask, 1, 2, blend_start, rank=True)  # loads the ranker
+    tuning = {"decoder_steps": 3} if args.quick else {}  # full: the paper's 75 steps, early stopping on
+    full = [run_ours(editor, image, mask, n, steps, blend_start, background="decoder", rank=True, **tuning)[1].timings
+            for _ in range(max(1, reps - 1))]
+    editor.ranker = None
+    keys = ["prepare", "encode", "denoise", "decode", "safety", "background", "paste", "rank", "total"]
+    t2 = table(["stage", "generation only (median s)", "+ decoder fine-tuning + ranking (median s)"],
+               [[k, med([s.get(k, 0.0) for s in stages]), med([s.get(k, 0.0) for s in full])] for k in keys])
+    generation = med([s["encode"] + s["denoise"] + s["decode"] for s in full])
+    decoder_ratio = med([s["background"] for s in full]) / generation
 
     # growth with candidates and resolution (ours only)
-    rows = []
+    rows, by_n, by_size = [], ([], []), ([], [])
     for cand in ((1, 2) if args.quick else (1, 2, 4, 8)):
-        rows.append([f"{cand} candidates, {size} px", run_ours(editor, image, mask, cand, steps, blend_start)[0]])
+        t = run_ours(editor, image, mask, cand, steps, blend_start)[0]
+        rows.append([f"{cand} candidates, {size} px", t])
+        by_n[0].append(cand), by_n[1].append(t)
     for s in ((64, 96) if args.quick else (128, 256, 384)):  # a model whose native size is s
         im, mk = scene(s, s), centre_mask(s, s)
         other = make_editor(sd_components(width, s))
-        rows.append([f"{n} candidates, {s} px", run_ours(other, im, mk, n, steps, blend_start)[0]])
+        t = run_ours(other, im, mk, n, steps, blend_start)[0]
+        rows.append([f"{n} candidates, {s} px", t])
+        by_size[0].append(s), by_size[1].append(t)
     t3 = table(["edit", "seconds"], rows)
+    if not args.quick:
+        out = ROOT / "docs" / "bench"
+        plot(out / "speed_candidates.png", {"blended": by_n}, "candidates", "seconds per edit",
+             f"Edit time vs candidates ({size} px, {steps} steps)")
+        plot(out / "speed_resolution.png", {"blended": by_size}, "native size (px)", "seconds per edit",
+             f"Edit time vs resolution ({n} candidates)")
 
     text = (f"# Speed: blended vs diffusers inpainting\n\nCommand: `python bench/speed.py{' --quick' if args.quick else ''}`\n\n"
             f"{head}\n\n{t1}\n\n**Ratio blended / diffusers: {ratio:.3f}** (target <= 1.02)\n\n"
-            f"Time per stage of our edit:\n\n{t2}\n\nGrowth:\n\n{t3}\n")
+            f"Time per stage of our edit:\n\n{t2}\n\n**Decoder fine-tuning / generation (encode + denoise + decode): "
+            f"{decoder_ratio:.2f}** at this benchmark's {steps} steps (target <= 0.5 of a default 50-step edit; paper: about 3; "
+            f"bench/background.py part C compares with 50 steps)\n\nGrowth:\n\n{t3}\n"
+            + ("" if args.quick else "\n![time vs candidates](speed_candidates.png) ![time vs resolution](speed_resolution.png)\n"))
     print(text)
     if not args.quick:
         write_doc("speed", text)
     assert unet_ours == unet_theirs, "both run the same number of UNet evaluations"
-    assert ratio > 0
+    assert ratio > 0 and decoder_ratio > 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,60 @@
+"""The benchmarks' --quick modes run end to end and print sane numbers (issue 7's smoke test; no timings asserted)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(script: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def numbers(row: str) -> list[float]:
+    return [float(x) for x in re.findall(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e-?\d+)?(?![\w.])", row)]
+
+
+def test_speed_quick():
+    out = run("speed.py")
+    ratio = float(re.search(r"Ratio blended / diffusers: ([\d.]+)", out).group(1))
+    assert 0.2 < ratio < 5  # same work on both sides: a wildly different time means a different computation
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| blended") or
+            line.startswith("| diffusers")}
+    calls = {name: int(row.split("|")[4]) for name, row in rows.items()}  # the "UNet calls" column
+    assert len(set(calls.values())) == 1 and calls["blended (shrinking on)"] == 3  # 4 steps, blend_start 0.25
+    assert re.search(r"\| rank \| 0 \| [\d.e-]+ \|", out) and re.search(r"\| background \| 0 \| [\d.e-]+ \|", out)
+
+
+def test_quality_quick():
+    out = run("quality.py", "--n", "2")
+    section = out.split("## Adherence")[1].split("##")[0]
+    ranked = next(line for line in section.splitlines() if line.startswith("| ranked"))
+    top, rand, psnr, seam, seconds = numbers(ranked)
+    assert 0 <= top <= 1 and 0 <= rand <= 1 and 15 < psnr < 60 and seconds > 0
+    methods = out.split("## Background methods")[1]
+    psnr_of = {line.split("|")[1].strip(): numbers(line)[0] for line in methods.splitlines()
+               if line.startswith("| ") and not line.startswith("| method")}
+    assert set(psnr_of) == {"none", "stitch", "poisson", "latent", "decoder"}
+    assert psnr_of["decoder"] > psnr_of["none"] and psnr_of["stitch"] > psnr_of["none"]
+
+
+def test_background_quick():
+    out = run("background.py")
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    none, decoder = numbers(rows["none"])[0], numbers(rows["decoder"])[0]
+    assert decoder > none + 3  # the decoder keeps the outside better than the plain decode
+    assert "exact" in rows["poisson"].split("|")[2]
+
+
+def test_load_quick():
+    out = run("load.py")
+    rows = [line for line in out.splitlines() if line.startswith("| rush")]
+    assert len(rows) == 2
+    for row in rows:
+        seconds, rate, rss = numbers(row.split("edits |")[1])
+        assert seconds > 0 and rate > 0 and 100 < rss < 8000
