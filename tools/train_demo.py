@@ -426,13 +426,13 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-train", type=int, default=24000)
     # Lengths: each phase stops at its number of steps or its wall-clock cap, whichever comes
-    # first (the caps add up to 38 min, so a slow or shared machine still finishes in ~45 min).
+    # first (the caps add up to 53 min; with data, encoding and the preview about 57 min on 2 cores).
     # On a busy machine the caps bind; for a bit-reproducible run give large --*-minutes.
     ap.add_argument("--vae-steps", type=int, default=4000)
-    ap.add_argument("--unet-steps", type=int, default=8000)
+    ap.add_argument("--unet-steps", type=int, default=20000)
     ap.add_argument("--clip-steps", type=int, default=1500)
     ap.add_argument("--vae-minutes", type=float, default=8.0)
-    ap.add_argument("--unet-minutes", type=float, default=25.0)
+    ap.add_argument("--unet-minutes", type=float, default=40.0)
     ap.add_argument("--clip-minutes", type=float, default=5.0)
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--unet-batch", type=int, default=64)
