@@ -71,10 +71,26 @@ def reconstruct(method: str, *, editor: Any, latents: torch.Tensor, decoded: tor
     common = dict(margin=config.decoder_margin, patience=config.decoder_patience, lam=config.decoder_lambda,
                   batch_size=config.batch_size, progress=progress, should_stop=should_stop)
     if method == "latent":
-        return optimize_latents(vae, latents, decoded, source, mask, steps=config.latent_steps, lr=config.latent_lr,
-                                **common)
-    return finetune_decoder(vae, latents, decoded, source, mask, steps=config.decoder_steps, lr=config.decoder_lr,
-                            blocks=config.decoder_blocks, **common)
+        out = optimize_latents(vae, latents, decoded, source, mask, steps=config.latent_steps, lr=config.latent_lr,
+                               **common)
+    else:
+        out = finetune_decoder(vae, latents, decoded, source, mask, steps=config.decoder_steps, lr=config.decoder_lr,
+                               blocks=config.decoder_blocks, **common)
+    if config.keep_inside:  # the optimised decode supplies the outside and the border; inside, the candidate
+        w = inner_weights(mask, max(1, config.feather // 2))
+        out = w * decoded + (1 - w) * out
+    return out
+
+
+def inner_weights(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """(1, 1, H, W) weights of the candidate for `keep_inside`: 0 outside the mask and on its border,
+    rising linearly to 1 at `width` pixels inside it (Euclidean distance)."""
+    import cv2
+
+    inside = (mask[0, 0] > 0.5).cpu().numpy().astype(np.uint8)
+    dist = cv2.distanceTransform(inside, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)  # 0 outside, >= 1 inside
+    w = np.clip((dist - 1.0) / width, 0.0, 1.0).astype(np.float32)
+    return torch.from_numpy(w)[None, None].to(mask.device)
 
 
 def _check_shapes(latents: torch.Tensor, decoded: torch.Tensor, source: torch.Tensor, mask: torch.Tensor) -> None:
