@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import ROOT, table, write_doc
+from common import ROOT, plot, table, write_doc
 
 import sys
 
@@ -144,7 +144,12 @@ def main() -> None:
     for b in ((0.0, 0.5) if args.quick else (0.0, 0.25, 0.5, 0.75)):
         t = summary(run_edits(editor, cases, blend_start=b))
         rows.append([b, t["top"], t["mean"], t["psnr"], t["seconds"]])
-    out.append("## Effect of blend_start\n\n" + table(
+    if not args.quick:
+        plot(ROOT / "docs" / "bench" / "quality_blend_start.png",
+             {"top-1 hit": ([r[0] for r in rows], [r[1] for r in rows]),
+              "random-candidate hit": ([r[0] for r in rows], [r[2] for r in rows])},
+             "blend_start (fraction of the schedule skipped)", "hit rate", f"Prompt adherence vs blend_start ({n} edits)")
+    out.append("## Effect of blend_start\n\n![adherence vs blend_start](quality_blend_start.png)\n\n" + table(
         ["blend_start", "top-1 hit", "random-candidate hit", "median PSNR outside dB", "median s"], rows))
 
     # 4. background methods
@@ -158,7 +163,7 @@ def main() -> None:
     out.append(f"## Background methods ({len(sub)} edits)\n\n" + table(
         ["method", "median PSNR outside dB", "seam (mean abs gradient jump)", "top-1 hit", "median s / edit"], rows))
 
-    text = (f"# Quality on held-out demo edits\n\nCommand: `python bench/quality.py{' --quick' if args.quick else ''}`"
+    text = (f"# Quality on held-out demo edits\n\nCommand: `{' '.join(['python bench/quality.py', *sys.argv[1:]])}`"
             f"\n\n{head}\n\n" + "\n\n".join(out) + "\n\n![top-1 results](quality_top1.png)\n")
     print(text)
     if not args.quick:

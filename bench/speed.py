@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -138,7 +139,8 @@ def main() -> None:
         plot(out / "speed_resolution.png", {"blended": by_size}, "native size (px)", "seconds per edit",
              f"Edit time vs resolution ({n} candidates)")
 
-    text = (f"# Speed: blended vs diffusers inpainting\n\nCommand: `python bench/speed.py{' --quick' if args.quick else ''}`\n\n"
+    command = " ".join(["python bench/speed.py", *sys.argv[1:]])
+    text = (f"# Speed: blended vs diffusers inpainting\n\nCommand: `{command}`\n\n"
             f"{head}\n\n{t1}\n\n**Ratio blended / diffusers: {ratio:.3f}** (target <= 1.02)\n\n"
             f"Time per stage of our edit:\n\n{t2}\n\n**Decoder fine-tuning / generation (encode + denoise + decode): "
             f"{decoder_ratio:.2f}** at this benchmark's {steps} steps (target <= 0.5 of a default 50-step edit; paper: about 3; "
