@@ -343,3 +343,19 @@ def test_two_concurrent_decoder_edits_do_not_affect_each_other(vae, edit):
     for i in range(2):
         assert torch.equal(together[i], alone[i])
     assert not torch.allclose(alone[0], alone[1], atol=1e-2)
+
+
+def test_keep_inside_keeps_the_candidate_inside_and_the_reconstruction_outside(sd1_editor, edit):
+    """`keep_inside`: deeper than feather/2 px inside the mask the result is the candidate itself; outside the
+    mask (and on its border) it is the optimised decode, exactly as without the option."""
+    latents, decoded, source, mask = edit
+    kw = dict(editor=sd1_editor, latents=latents, decoded=decoded, source=source, mask=mask)
+    cfg = EditConfig(decoder_steps=6, decoder_patience=0, decoder_lr=3e-3, feather=4)
+    kept = bg.reconstruct("decoder", config=cfg, **kw)
+    whole = bg.reconstruct("decoder", config=cfg.replace(keep_inside=False), **kw)
+    w = bg.inner_weights(mask, 2)
+    assert w.max() == 1 and w[mask == 0].max() == 0 and 0 < w[(w > 0) & (w < 1)].numel()
+    deep, outside = (w == 1).expand_as(kept), (mask == 0).expand_as(kept)
+    assert torch.equal(kept[deep], decoded[deep])
+    assert torch.equal(kept[outside], whole[outside])
+    assert not torch.allclose(whole[deep], decoded[deep], atol=1e-3)  # the whole decode does change the inside
