@@ -5,7 +5,6 @@ tiny random SD1-shaped pipeline built in-process (tests/tiny.py).
 """
 
 import random
-import socket
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.load import free_port
 from blended import Candidate, EditConfig, InputError
 from conftest import box_mask, scene
 
@@ -21,12 +21,6 @@ DEMO = ROOT / "assets" / "demo"
 
 
 # -- shared with test_browser.py ----------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="session")
 def app_editor(tmp_path_factory):
