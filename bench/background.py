@@ -42,17 +42,29 @@ DOC = ROOT / "docs" / "background.md"
 PHOTOS = ROOT / "assets" / "photos"
 
 # (label, EditConfig overrides)
-FAST = {"decoder_blocks": 1, "decoder_steps": 40, "decoder_lr": 1e-3}  # within half the generation time (part C)
+FAST = {"decoder_blocks": 1, "decoder_steps": 40, "decoder_lr": 1e-3}  # the last up block only, fewer steps
 METHODS = [
     ("none", {"background": "none"}),
     ("stitch", {"background": "stitch"}),
     ("poisson", {"background": "poisson"}),
     ("latent", {"background": "latent"}),
-    ("decoder", {"background": "decoder"}),  # defaults: paper's lr, steps, λ; window + pinned norms + early stop
+    # defaults: one shared copy per edit, the paper's lr, steps and λ; window, pinned norms, early stopping;
+    # the candidate inside, the source beyond the seam band
+    ("decoder", {"background": "decoder"}),
     ("decoder lr=1e-3", {"background": "decoder", "decoder_lr": 1e-3}),
     ("decoder λ=10", {"background": "decoder", "decoder_lambda": 10.0}),
+    ("decoder, whole window", {"background": "decoder", "exact_outside": False}),
+    ("decoder, copy per candidate", {"background": "decoder", "decoder_shared": False}),
     ("decoder fast", {"background": "decoder", **FAST}),
-    ("decoder paper", {"background": "decoder", "decoder_margin": 1024, "decoder_patience": 0}),  # whole image
+    ("decoder paper", {"background": "decoder", "decoder_shared": False, "decoder_margin": 1024,  # whole image,
+                       "decoder_patience": 0, "keep_inside": False, "exact_outside": False}),  # its whole decode
+]
+# part C: (label, the METHODS row whose early-stopping steps it uses, finetune_decoder arguments)
+COSTS = [
+    ("decoder (default: one copy per edit, whole decoder, window)", "decoder", {}),
+    ("decoder, a copy per candidate", "decoder, copy per candidate", {"share": False}),
+    ("decoder fast (one copy, last up block)", "decoder fast", {"blocks": FAST["decoder_blocks"]}),
+    ("decoder paper (a copy per candidate, whole image, 75 steps)", "decoder paper", {"share": False, "margin": 1024}),
 ]
 
 
@@ -248,7 +260,7 @@ def part_b(vae) -> list[dict]:
 
 # -- part C: cost at the SD architecture, reduced widths ---------------------------------------------
 
-def part_c(divisor: int, size: int, mask_side: int, default_steps: int) -> dict:
+def part_c(divisor: int, size: int, mask_side: int, steps: dict[str, int], verify: bool = True) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from blended.background import finetune_decoder
@@ -280,21 +292,28 @@ def part_c(divisor: int, size: int, mask_side: int, default_steps: int) -> dict:
     mask = torch.zeros(1, 1, size, size)
     lo = (size - mask_side) // 2
     mask[..., lo:lo + mask_side, lo:lo + mask_side] = 1
-    rows = []
-    for label, kw, steps in (("decoder (default: whole decoder, window)", {}, default_steps),
-                             ("decoder fast (last up block, window)", {"blocks": FAST["decoder_blocks"]},
-                              FAST["decoder_steps"]),
-                             ("decoder paper (whole decoder, whole image)", {"margin": 1024}, 75)):
+
+    def run(k: int, kw: dict) -> float:
         t0 = time.perf_counter()
-        finetune_decoder(vae, lat, img, img[:1], mask, steps=3, patience=0, **kw)
-        per_step = (time.perf_counter() - t0 - t_decode) / (3 * n)  # less the statistics' one whole decode
-        total = n * steps * per_step + t_decode
-        rows.append({"label": label, "per_step": per_step, "steps": steps, "total": total,
-                     "ratio": total / generation})
+        finetune_decoder(vae, lat, img, img[:1], mask, steps=k, patience=0, **kw)
+        return time.perf_counter() - t0
+
+    rows = []
+    for label, method, kw in COSTS:
+        shared = kw.get("share", True)
+        copies = 1 if shared else n  # trained copies; each runs `steps` steps
+        t1, t4 = run(1, kw), run(4, kw)
+        per_step = (t4 - t1) / (3 * copies)
+        fixed = t1 - copies * per_step  # the whole decodes that record the norms' statistics, the final decodes
+        k = steps[method]
+        total = fixed + copies * k * per_step
+        rows.append({"label": label, "per_step": per_step, "fixed": fixed, "steps": k, "copies": copies,
+                     "total": total, "ratio": total / generation})
+    measured = run(rows[0]["steps"], COSTS[0][2]) if verify else None  # the default, really run
     return {"divisor": divisor, "size": size, "mask": mask_side,
             "unet_params": sum(p.numel() for p in unet.parameters()) / 1e6,
             "decoder_params": sum(p.numel() for p in vae.decoder.parameters()) / 1e6,
-            "t_unet": t_unet, "t_decode": t_decode, "generation": generation, "rows": rows}
+            "t_unet": t_unet, "t_decode": t_decode, "generation": generation, "rows": rows, "measured": measured}
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -317,9 +336,14 @@ def cost_table(c: dict) -> str:
              f"{c['decoder_params']:.1f} M parameters, random weights), {c['size']} px, a {c['mask']} px square "
              f"mask, 4 candidates: UNet step (batch 8) {c['t_unet']:.2f} s, decode {c['t_decode']:.2f} s, "
              f"generation (38 steps + decode) **{c['generation']:.1f} s**.", "",
-             "| method | s / step / candidate | steps | s / edit | × generation |", "|---|---|---|---|---|"]
+             "| method | copies | s / step | steps per copy | fixed s | s / edit | × generation |",
+             "|---|---|---|---|---|---|---|"]
     for r in c["rows"]:
-        lines.append(f"| {r['label']} | {r['per_step']:.3f} | {r['steps']} | {r['total']:.1f} | {r['ratio']:.2f} |")
+        lines.append(f"| {r['label']} | {r['copies']} | {r['per_step']:.3f} | {r['steps']} | {r['fixed']:.1f} "
+                     f"| {r['total']:.1f} | {r['ratio']:.2f} |")
+    if c.get("measured") is not None:
+        lines += ["", f"The default run for real ({c['rows'][0]['steps']} steps): **{c['measured']:.1f} s = "
+                      f"{c['measured'] / c['generation']:.2f} × generation**."]
     return "\n".join(lines)
 
 
@@ -359,12 +383,13 @@ def main(argv=None) -> None:
     print(what)
     sections += [f"VAE: {what}.", ""]
     gen_per_candidate = None
-    steps_seen = []  # steps the default `decoder` ran before early stopping, per case part
+    steps_seen: dict[str, list[float]] = {}  # method -> steps it ran before early stopping, per part
 
     if editor is not None and "A" not in args.skip:
         rows, cost = part_a(editor, args.cases, args.candidates)
         gen_per_candidate = cost["generation"]
-        steps_seen += [r["steps"] for r in rows if r["method"] == "decoder"]
+        for r in rows:
+            steps_seen.setdefault(r["method"], []).append(r["steps"])
         table = quality_table(rows, gen_per_candidate)
         print(table)
         sections += [f"### A. Real edits, demo model ({args.cases} held-out scene edits × {args.candidates} "
@@ -373,7 +398,8 @@ def main(argv=None) -> None:
                      "Ring = outside the mask within 8 px.", "", table, ""]
     if "B" not in args.skip:
         rows = part_b(vae)
-        steps_seen += [r["steps"] for r in rows if r["method"] == "decoder"]
+        for r in rows:
+            steps_seen.setdefault(r["method"], []).append(r["steps"])
         table = quality_table(rows, None)
         print(table)
         sections += ["### B. Photos (face, handwriting) at 128 px, synthetic candidates", "",
@@ -381,15 +407,17 @@ def main(argv=None) -> None:
                      + f"; candidates show {' / '.join(FILLS)} inside. Ring = outside the mask within 16 px.", "",
                      table, ""]
     if "C" not in args.skip:
-        early = int(round(statistics.mean(steps_seen))) if steps_seen else EditConfig().decoder_steps
-        c = part_c(args.sd_divisor, args.sd_size, args.sd_size * 3 // 8, early)
+        configured = {label: EditConfig().replace(**over).decoder_steps for label, over in METHODS}
+        steps = {label: int(round(statistics.mean(steps_seen[label]))) if label in steps_seen else configured[label]
+                 for label, _ in METHODS}
+        c = part_c(args.sd_divisor, args.sd_size, args.sd_size * 3 // 8, steps, verify=not args.quick)
         table = cost_table(c)
         print(table)
         sections += ["### C. Cost at the Stable Diffusion architecture", "",
-                     f"Steps of the default: {early}, the mean that early stopping ran in A/B "
-                     f"({EditConfig().decoder_steps} when those were skipped). Measured seconds per step "
-                     "(3 steps, less the one whole decode that records the GroupNorm statistics) times the steps, "
-                     "plus that decode.", "", table, ""]
+                     "Steps: the mean that early stopping ran in A and B for each method (the configured steps when "
+                     "those parts were skipped). Seconds per step and the fixed cost (the whole decodes that record "
+                     "the GroupNorm statistics, the final decodes) measured from runs of 1 and 4 steps; s / edit = "
+                     "fixed + copies × steps × s / step.", "", table, ""]
 
     if not args.no_doc:
         start, end = "<!-- bench:start -->", "<!-- bench:end -->"

@@ -75,10 +75,13 @@ def reconstruct(method: str, *, editor: Any, latents: torch.Tensor, decoded: tor
                                **common)
     else:
         out = finetune_decoder(vae, latents, decoded, source, mask, steps=config.decoder_steps, lr=config.decoder_lr,
-                               blocks=config.decoder_blocks, **common)
+                               blocks=config.decoder_blocks, share=config.decoder_shared, **common)
     if config.keep_inside:  # the optimised decode supplies the outside and the border; inside, the candidate
         w = inner_weights(mask, max(1, config.feather // 2))
         out = w * decoded + (1 - w) * out
+    if config.exact_outside:  # ... and only the seam band outside: beyond `feather` px, the source exactly
+        v = feather_weights(mask, config.feather)
+        out = v * out + (1 - v) * source
     return out
 
 
@@ -437,16 +440,21 @@ def _decode_each(base: LatentDecoder, tensors: dict[str, torch.Tensor], x: torch
 
 def finetune_decoder(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tensor, source: torch.Tensor,
                      mask: torch.Tensor, *, steps: int = 75, lr: float = 1e-4, lam: float = 100.0, margin: int = 4,
-                     patience: int = 10, batch_size: int = 4, blocks: int = 0, vectorize: Optional[bool] = None,
-                     progress: Optional[Progress] = None, should_stop: Optional[ShouldStop] = None) -> torch.Tensor:
-    """Background reconstruction by per-edit decoder fine-tuning (paper §4.2): each candidate gets its own
-    fp32 copy of the decoder, trained with Adam so that it decodes the candidate's latents to the candidate
-    inside the mask and to the source outside; the copy then decodes the latents. The shared VAE is never
-    modified.
+                     patience: int = 10, batch_size: int = 4, blocks: int = 0, share: bool = True,
+                     vectorize: Optional[bool] = None, progress: Optional[Progress] = None,
+                     should_stop: Optional[ShouldStop] = None) -> torch.Tensor:
+    """Background reconstruction by per-edit decoder fine-tuning (paper §4.2): an fp32 copy of the decoder,
+    trained with Adam so that it decodes the candidates' latents to the candidates inside the mask and to the
+    source outside, then decodes them. The shared VAE is never modified.
 
     Args:
-        vectorize: train up to `batch_size` copies at once with `torch.func.vmap` (one Adam over stacked
-            weights: per-element, so the same as separate runs); default on CUDA only, where batching pays.
+        steps: Adam steps of each copy (with `share`, of the one copy).
+        share: one copy for the whole edit, trained on the candidates in turn (one per step on the CPU, up to
+            `batch_size` per step on CUDA): the outside latents are the same `z_init` in every candidate, so
+            one copy learns the source's background once instead of once per candidate. False: a copy per
+            candidate, the paper's per-image fine-tuning applied to each.
+        vectorize: without `share`, train up to `batch_size` copies at once with `torch.func.vmap` (one Adam
+            over stacked weights: per-element, so the same as separate runs); default on CUDA only.
         Others as in `reconstruct`.
 
     Returns:
@@ -464,6 +472,12 @@ def finetune_decoder(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tenso
     cand, src, w_in, w_out = _targets(window, decoded, source, mask, lam)
     latents = latents.float().to(dev)
     B = latents.shape[0]
+    if share:
+        per_step = min(batch_size, B) if dev.type == "cuda" else 1
+        out = _finetune_shared(base, start, tuned, latents, (cand, src, w_in, w_out), window, steps=steps, lr=lr,
+                               patience=patience, per_step=per_step, batch_size=batch_size, progress=progress,
+                               should_stop=should_stop)
+        return paste(window, out, source, latent_size)
     if vectorize is None:
         vectorize = dev.type == "cuda"
     size = batch_size if vectorize else 1
@@ -504,3 +518,48 @@ def finetune_decoder(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tenso
     if progress is not None:
         progress(total, total)
     return paste(window, torch.cat(outs).float(), source, latent_size)
+
+
+def _finetune_shared(base: LatentDecoder, start: int, tuned: set[int], latents: torch.Tensor, targets: tuple,
+                     window: Window, *, steps: int, lr: float, patience: int, per_step: int, batch_size: int,
+                     progress: Optional[Progress], should_stop: Optional[ShouldStop]) -> torch.Tensor:
+    """One per-edit copy of the trained stages, fitted to all candidates in turn; returns their decoded
+    windows (B, 3, hp, wp). Early stopping watches the mean of each candidate's latest loss."""
+    from torch.func import functional_call
+
+    cand, src, w_in, w_out = targets
+    B = latents.shape[0]
+    chunks = [list(range(i, min(i + batch_size, B))) for i in range(0, B, batch_size)]
+    stats, fronts = [], []
+    for idx in chunks:  # per-candidate GroupNorm statistics; the frozen stages, once
+        _, s = base.record(latents[idx])
+        stats.append(s)
+        with torch.no_grad():
+            fronts.append(functional_call(base, s, (latents[idx], 0, start, window)) if start > 0 else latents[idx])
+    stats = {k: torch.cat([s[k] for s in stats]) for k in stats[0]}  # {name: (B, groups)}
+    x = torch.cat(fronts)
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in base.named_parameters() if id(v) in tuned}
+    opt = torch.optim.Adam(params.values(), lr=lr)
+    plateau, latest = _Plateau(1, patience), [None] * B
+    with torch.enable_grad():
+        for step in range(steps):
+            _stop_check(should_stop)
+            idx = [(step * per_step + j) % B for j in range(per_step)]  # the candidates in turn
+            out = functional_call(base, {**params, **{k: v[idx] for k, v in stats.items()}},
+                                  (x[idx], start, None, window))
+            per = _loss(out, cand[idx], src, w_in, w_out)  # (per_step,)
+            opt.zero_grad(set_to_none=True)
+            per.mean().backward()
+            opt.step()
+            for i, loss in zip(idx, per.tolist()):
+                latest[i] = loss
+            if progress is not None:
+                progress(step + 1, steps)
+            if None not in latest and plateau.update([sum(latest) / B]):
+                break
+    with torch.no_grad():
+        outs = [functional_call(base, {**params, **{k: v[idx] for k, v in stats.items()}},
+                                (x[idx], start, None, window)) for idx in chunks]
+    if progress is not None:
+        progress(steps, steps)
+    return torch.cat(outs).float()

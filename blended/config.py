@@ -34,8 +34,10 @@ class EditConfig:
     decoder_lambda: float = 100.0  # weight of the source term outside the mask, `decoder` and `latent` (paper: 100)
     decoder_margin: int = 4  # latent pixels around the mask's box that `decoder`/`latent` decode (outer half fades)
     decoder_blocks: int = 0  # `decoder` tunes only the last N up blocks + output layers; 0 = all (paper)
+    decoder_shared: bool = True  # `decoder`: one per-edit copy trained on all candidates in turn; False = a copy per candidate
     decoder_patience: int = 10  # `decoder`/`latent` stop once this many steps cut the loss < 10%; 0 = never
     keep_inside: bool = True  # `decoder`/`latent`: keep the candidate's own pixels inside the mask (False: the paper's whole decode)
+    exact_outside: bool = True  # `decoder`/`latent`: the source exactly beyond `feather` px outside the mask (False: the optimised decode over its whole window)
     latent_steps: int = 100  # Adam steps of `latent` background optimisation
     latent_lr: float = 0.05  # Adam learning rate of `latent` (on scaled latents)
     rank: bool = True  # score candidates with CLIP and sort them best first

@@ -196,7 +196,8 @@ def test_shared_decoder_unchanged(vae, edit):
     before = {k: v.clone() for k, v in vae.state_dict().items()}
     flags = {k: p.requires_grad for k, p in vae.named_parameters()}
     bg.finetune_decoder(vae, latents, decoded, source, mask, steps=5, lr=1e-2, patience=0)
-    bg.finetune_decoder(vae, latents, decoded, source, mask, steps=5, lr=1e-2, patience=0, vectorize=True)
+    bg.finetune_decoder(vae, latents, decoded, source, mask, steps=5, lr=1e-2, patience=0, share=False,
+                        vectorize=True)
     bg.optimize_latents(vae, latents, decoded, source, mask, steps=5, lr=0.1, patience=0)
     after = vae.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -207,7 +208,7 @@ def test_shared_decoder_unchanged(vae, edit):
 
 def test_vectorised_copies_equal_separate_runs(vae, edit):
     latents, decoded, source, mask = edit
-    kw = dict(steps=6, lr=3e-3, margin=2, patience=0)
+    kw = dict(steps=6, lr=3e-3, margin=2, patience=0, share=False)
     together = bg.finetune_decoder(vae, latents, decoded, source, mask, vectorize=True, **kw)
     alone = torch.cat([bg.finetune_decoder(vae, latents[i:i + 1], decoded[i:i + 1], source, mask, vectorize=False,
                                            **kw) for i in range(2)])
@@ -215,13 +216,39 @@ def test_vectorised_copies_equal_separate_runs(vae, edit):
     assert not torch.allclose(together[0], together[1], atol=1e-2)  # different candidates, different copies
 
 
+def test_shared_copy_fits_every_candidate(vae, edit):
+    """One copy for the edit, trained on the candidates in turn: for the same number of steps in all, the
+    background comes back as well as with a copy per candidate, the inside as close to each candidate, and for a single
+    candidate the two ways are the same computation."""
+    latents, decoded, source, mask = edit
+    kw = dict(lr=3e-3, margin=1, patience=0)
+    shared = bg.finetune_decoder(vae, latents, decoded, source, mask, steps=80, **kw)  # the same 80 steps in all
+    apart = bg.finetune_decoder(vae, latents, decoded, source, mask, steps=40, share=False, **kw)
+    none = psnr(decoded, source, 1 - mask)
+    for i in range(2):
+        assert psnr(shared[i:i + 1], source, 1 - mask) > none + 8
+        assert psnr(shared[i:i + 1], source, 1 - mask) > psnr(apart[i:i + 1], source, 1 - mask) - 1
+        # inside, as close to candidate i as its own copy gets (this tiny VAE washes the red patch out either way)
+        assert psnr(shared[i:i + 1], decoded[i:i + 1], mask) > psnr(apart[i:i + 1], decoded[i:i + 1], mask) - 2
+    assert not torch.allclose(shared[0], shared[1], atol=1e-2)  # one copy, each candidate's own latents
+    one = dict(steps=6, lr=3e-3, margin=2, patience=0)
+    assert torch.allclose(bg.finetune_decoder(vae, latents[:1], decoded[:1], source, mask, **one),
+                          bg.finetune_decoder(vae, latents[:1], decoded[:1], source, mask, share=False, **one),
+                          atol=1e-5)
+
+
 def test_early_stopping_per_candidate(vae, edit):
     latents, decoded, source, mask = edit
     seen = []
+    bg.finetune_decoder(vae, latents, decoded, source, mask, steps=50, lr=1e-9, patience=3, share=False,
+                        progress=lambda done, total: seen.append((done, total)))
+    # a copy per candidate, sequential on the CPU: each stops after 1 + 3 steps without improvement
+    assert seen[-1] == (100, 100) and len(seen) == 2 * 4 + 1
+    seen.clear()
     bg.finetune_decoder(vae, latents, decoded, source, mask, steps=50, lr=1e-9, patience=3,
                         progress=lambda done, total: seen.append((done, total)))
-    # sequential on the CPU: each candidate stops after 1 + 3 steps without improvement
-    assert seen[-1] == (100, 100) and len(seen) == 2 * 4 + 1
+    # one shared copy: watched once both candidates were seen (step 2), done 3 steps later
+    assert seen[-1] == (50, 50) and len(seen) == 5 + 1
     seen.clear()
     bg.optimize_latents(vae, latents, decoded, source, mask, steps=50, lr=1e-9, patience=3,
                         progress=lambda done, total: seen.append(done))
