@@ -386,3 +386,22 @@ def test_keep_inside_keeps_the_candidate_inside_and_the_reconstruction_outside(s
     assert torch.equal(kept[deep], decoded[deep])
     assert torch.equal(kept[outside], whole[outside])
     assert not torch.allclose(whole[deep], decoded[deep], atol=1e-3)  # the whole decode does change the inside
+
+
+def test_exact_outside_keeps_the_source_beyond_the_seam_band(sd1_editor, edit):
+    """`exact_outside`: beyond `feather` px outside the mask the result is the source, bit for bit; in the band
+    it ramps from the optimised decode (at the mask) to the source, and inside nothing changes."""
+    latents, decoded, source, mask = edit
+    kw = dict(editor=sd1_editor, latents=latents, decoded=decoded, source=source, mask=mask)
+    cfg = EditConfig(decoder_steps=6, decoder_patience=0, decoder_lr=3e-3, feather=3)
+    for method in ("decoder", "latent"):
+        exact = bg.reconstruct(method, config=cfg, **kw)
+        window = bg.reconstruct(method, config=cfg.replace(exact_outside=False), **kw)
+        v = bg.feather_weights(mask, 3)
+        far, band, inside = (v == 0).expand_as(exact), ((v > 0) & (mask == 0)).expand_as(exact), \
+            (mask == 1).expand_as(exact)
+        assert band.any() and far.any()
+        assert torch.equal(exact[far], source.expand_as(exact)[far])
+        assert not torch.equal(window[far], source.expand_as(window)[far])  # the decode alone is not exact
+        assert torch.allclose(exact[band], (v * window + (1 - v) * source).expand_as(exact)[band], atol=1e-6)
+        assert torch.equal(exact[inside], window[inside])
