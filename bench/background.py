@@ -77,6 +77,11 @@ def psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
+def same(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
+    """Percentage of the pixels `where` that are identical in a and b (all three channels)."""
+    return float((a == b).all(axis=-1)[where].mean() * 100)
+
+
 def ring(mask: np.ndarray, width: int) -> np.ndarray:
     """Pixels outside the mask within `width` pixels of it (where a method's own output shows)."""
     import cv2
@@ -175,7 +180,8 @@ def part_a(editor: Editor, cases: int, candidates: int) -> tuple[list[dict], dic
             steps = steps_run([(d, t) for st, d, t in calls if st == "reconstructing"][1:], result.config)
             for out, ref in zip(outs, cand):
                 rows[label].append({
-                    "out": psnr(out, image, ~mask), "near": psnr(out, image, near), "in": psnr(out, ref, mask),
+                    "out": psnr(out, image, ~mask), "same": same(out, image, ~mask), "near": psnr(out, image, near),
+                    "in": psnr(out, ref, mask),
                     "seam": seam(out, image, mask), "time": result.timings.get("background", 0.0) / candidates,
                     "steps": steps})
     return summarise(rows), {k: statistics.mean(v) / candidates for k, v in cost.items()}
@@ -202,7 +208,7 @@ def summarise(rows: dict[str, list[dict]]) -> list[dict]:
             return float("inf") if all(v == float("inf") for v in vals) else \
                 statistics.mean(v for v in vals if v != float("inf"))
 
-        out.append({"method": label, **{k: mean(k) for k in ("out", "near", "in", "seam", "time", "steps")}})
+        out.append({"method": label, **{k: mean(k) for k in ("out", "same", "near", "in", "seam", "time", "steps")}})
     return out
 
 
@@ -252,7 +258,8 @@ def part_b(vae) -> list[dict]:
             steps = steps_run(calls, cfg)
             for out_i, cand_i in zip(out, decoded):
                 o = _u8(out_i)
-                rows[label].append({"out": psnr(o, src_u8, ~m), "near": psnr(o, src_u8, near),
+                rows[label].append({"out": psnr(o, src_u8, ~m), "same": same(o, src_u8, ~m),
+                                    "near": psnr(o, src_u8, near),
                                     "in": psnr(o, _u8(cand_i), m), "seam": seam(o, src_u8, m),
                                     "time": seconds / len(FILLS), "steps": steps})
     return summarise(rows)
@@ -318,12 +325,12 @@ def part_c(divisor: int, size: int, mask_side: int, steps: dict[str, int], verif
 # -- report ---------------------------------------------------------------------------------------
 
 def quality_table(rows: list[dict], gen: float | None) -> str:
-    head = ("| method | PSNR outside (dB) | PSNR ≤ ring (dB) | PSNR inside vs candidate (dB) | seam (levels) "
-            "| steps | s / candidate |" + (" × generation |" if gen else ""))
+    head = ("| method | PSNR outside (dB) | outside exact (%) | PSNR ≤ ring (dB) | PSNR inside vs candidate (dB) "
+            "| seam (levels) | steps | s / candidate |" + (" × generation |" if gen else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        line = (f"| {r['method']} | {fmt(r['out'])} | {fmt(r['near'])} | {fmt(r['in'])} | {r['seam']:+.1f} "
-                f"| {r['steps']:.0f} | {r['time']:.2f} |")
+        line = (f"| {r['method']} | {fmt(r['out'])} | {r['same']:.1f} | {fmt(r['near'])} | {fmt(r['in'])} "
+                f"| {r['seam']:+.1f} | {r['steps']:.0f} | {r['time']:.2f} |")
         if gen:
             line += f" {r['time'] / gen:.2f} |"
         lines.append(line)
