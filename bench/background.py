@@ -53,6 +53,8 @@ METHODS = [
     ("decoder", {"background": "decoder"}),
     ("decoder lr=1e-3", {"background": "decoder", "decoder_lr": 1e-3}),
     ("decoder λ=10", {"background": "decoder", "decoder_lambda": 10.0}),
+    ("decoder feather=2", {"background": "decoder", "feather": 2}),  # a narrower seam band (default 8)
+    ("decoder feather=4", {"background": "decoder", "feather": 4}),
     ("decoder, whole window", {"background": "decoder", "exact_outside": False}),
     ("decoder, copy per candidate", {"background": "decoder", "decoder_shared": False}),
     ("decoder fast", {"background": "decoder", **FAST}),
