@@ -75,6 +75,8 @@ class EditConfig:
             (1 <= self.latent_steps <= 1000, "latent_steps must be between 1 and 1000"),
             (0.0 < self.latent_lr <= 10.0, "latent_lr must be in (0, 10]"),
         ]
+        checks += [(isinstance(getattr(self, f.name), bool), f"{f.name} must be true or false")
+                   for f in dataclasses.fields(self) if isinstance(f.default, bool)]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)

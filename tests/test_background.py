@@ -296,7 +296,8 @@ def test_reconstruct_dispatch_and_errors(sd1_editor, edit):
     with pytest.raises(ValueError, match="source"):
         bg.reconstruct("stitch", **{**kw, "source": source[..., :16]})
     for bad in ({"decoder_margin": -1}, {"decoder_patience": -2}, {"latent_steps": 0}, {"latent_lr": 0.0},
-                {"decoder_lr": 0.0}, {"decoder_steps": 0}, {"background": "blur"}):
+                {"decoder_lr": 0.0}, {"decoder_steps": 0}, {"background": "blur"}, {"decoder_shared": "yes"},
+                {"exact_outside": 1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             EditConfig(**bad).validate()
 
