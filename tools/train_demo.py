@@ -1,8 +1,10 @@
 """Rebuild the bundled demo models from nothing: one seeded script, CPU only.
 
-    python tools/train_demo.py --out assets            # full run (~40 min on 2 free cores)
-    python tools/train_demo.py --out /tmp/smoke --vae-minutes 0.5 --unet-minutes 0.5 \
-        --clip-minutes 0.3 --n-train 2000                # smoke test
+    python tools/train_demo.py --out assets            # full run (~58 min on 2 cores, 1 thread)
+    python tools/train_demo.py --out /tmp/smoke --vae-minutes 0.5 --polish-minutes 0.2 \
+        --unet-minutes 0.5 --clip-minutes 0.3 --n-train 2000   # smoke test
+    python tools/train_demo.py --out /tmp/p --vae-from assets/demo/vae --polish-only \
+        --polish-minutes 12                              # polish a trained VAE's decoder, save <out>/demo/vae
 
 Writes
   <out>/demo/          diffusers StableDiffusionPipeline (VAE x4, tiny UNet, tiny CLIP text
@@ -11,7 +13,9 @@ Writes
 
 Phases (each bounded by wall-clock minutes, so the run length is predictable):
   1. data: N training scenes from tools/scenes.py (seeds 0..N-1, all < TRAIN_SEED_END)
-  2. VAE (AutoencoderKL, 64 px -> 4x16x16) with L1+MSE and a tiny KL term
+  2. VAE (AutoencoderKL, 64 px -> 4x16x16) with L1+MSE and a tiny KL term; then a decoder-only
+     polish (encoder and quant_conv frozen, latents bit-identical) on scenes with 0-3 objects,
+     edit sources and blended edits, the images the editor decodes
   3. latents of the dataset encoded once (posterior mode), standardised per channel
      (folded into the VAE's 1x1 quant convs); scaling_factor = 1/std
   4. UNet2DConditionModel + CLIPTextModel trained jointly on the cached latents
@@ -230,6 +234,112 @@ def train_vae(vae, x_train, x_val, steps, minutes, batch, g):
     return {"steps": step, "seconds": time.time() - t0, "heldout_psnr_db": p}
 
 
+POLISH_SEED_START = 50_000_000  # decoder polish scenes: training seeds, apart from 0..n_train-1
+
+
+def polish_example(seed: int):
+    """One decoder-polish example from training seed ``seed``: (source, target, pixel mask) uint8/bool.
+
+    A third each: a scene with 0-3 objects (uniform), the source of a make_edit_case-like edit
+    (0-2 objects), and that source with a new object drawn inside its edit mask (the target), whose
+    latents will be blended like the editor's (edited inside the latent mask, source outside).
+    Without an edit the target is the source and the mask is empty.
+    """
+    rng = np.random.default_rng([seed, 13])
+    kind = seed % 3
+    if kind == 0:
+        image = scenes.make_scene(seed, n_objects=int(rng.integers(0, 4))).image
+        return image, image, np.zeros(image.shape[:2], bool)
+    image, mask, _prompt, colour, shape = scenes.make_edit_case(seed)
+    if kind == 1:
+        return image, image, np.zeros_like(mask)
+    ys, xs = np.nonzero(mask)
+    x0, y0, side = int(xs.min()), int(ys.min()), int(min(xs.max() - xs.min(), ys.max() - ys.min()) + 1)
+    size = int(rng.integers(max(scenes.MIN_OBJ, int(0.6 * side)), side + 1))
+    ox, oy = x0 + int(rng.integers(0, side - size + 1)), y0 + int(rng.integers(0, side - size + 1))
+    drawn, _ = scenes.render(image, [scenes.SceneObject(shape, colour, ox, oy, size)], rng)
+    return image, np.where(mask[..., None], drawn, image), mask
+
+
+@torch.no_grad()
+def polish_latents(vae, src, tgt, mask):
+    """Latents (posterior mode) the decoder gets: the target's inside the max-pooled latent mask, the
+    source's outside, as the editor blends them (z_init outside the mask)."""
+    z = vae.encode(src).latent_dist.mode()  # (B, 4, 16, 16)
+    edited = mask.flatten(1).any(1)
+    if edited.any():
+        f = src.shape[-1] // z.shape[-1]
+        m = F.max_pool2d(mask[edited].float(), kernel_size=f, stride=f)  # (E, 1, 16, 16), like blended.masks
+        z[edited] = m * vae.encode(tgt[edited]).latent_dist.mode() + (1 - m) * z[edited]
+    return z
+
+
+def polish_decoder(vae, steps, minutes, batch, seed0=POLISH_SEED_START):
+    """Train post_quant_conv + decoder on reconstruction (L1 + MSE) with the encoder and quant_conv
+    frozen: the latents, hence a UNet trained on them, stay exactly valid. The data covers what the
+    editor decodes: scenes with 0-3 objects, edit sources, and blended edits (polish_example)."""
+    frozen = [vae.encoder, vae.quant_conv]
+    for m in frozen:
+        m.requires_grad_(False)
+    params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
+    probe = to_tensor(np.stack([polish_example(seed0 - 1 - i)[0] for i in range(8)]))
+    with torch.no_grad():
+        probe_z = vae.encode(probe).latent_dist.parameters.clone()
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    t0 = time.time()
+    budget = minutes * 60
+    step = 0
+    run_loss = 0.0
+    vae.eval()
+    vae.decoder.train()
+    vae.post_quant_conv.train()
+    while True:
+        progress = max(step / steps, (time.time() - t0) / budget) if steps > 0 else 1.0
+        if progress >= 1.0:
+            break
+        for pg in opt.param_groups:
+            pg["lr"] = lr_at(progress, step, 1e-3, 50)
+        ex = [polish_example(seed0 + step * batch + j) for j in range(batch)]  # fresh training scenes every step
+        src = to_tensor(np.stack([e[0] for e in ex]))
+        tgt = to_tensor(np.stack([e[1] for e in ex]))
+        mask = torch.from_numpy(np.stack([e[2] for e in ex]))[:, None]  # (B, 1, 64, 64) bool
+        z = polish_latents(vae, src, tgt, mask)
+        rec = vae.decode(z).sample
+        loss = F.l1_loss(rec, tgt) + F.mse_loss(rec, tgt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        run_loss += loss.item()
+        if step % 100 == 0:
+            log(f"polish step {step} loss {run_loss / 100:.4f} psnr(batch) {psnr(rec.detach(), tgt):.2f} dB  "
+                f"{step / (time.time() - t0):.2f} it/s")
+            run_loss = 0.0
+    vae.eval()
+    for m in frozen:
+        m.requires_grad_(True)
+    with torch.no_grad():
+        same = torch.equal(vae.encode(probe).latent_dist.parameters, probe_z)
+    if not same:
+        raise RuntimeError("decoder polish changed the encoder's outputs")
+    log(f"polish done: {step} steps in {time.time() - t0:.0f}s, encoder outputs bit-identical")
+    return {"steps": step, "seconds": time.time() - t0, "encoder_bit_identical": same}
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae, n=256):
+    """Held-out PSNR (dB) of plain reconstruction: whole scenes, and edit sources outside their masks."""
+    x = to_tensor(np.stack([scenes.make_scene(scenes.HELDOUT_SEED_START + i).image for i in range(n)]))
+    rec = torch.cat([vae.decode(vae.encode(x[i : i + 128]).latent_dist.mode()).sample for i in range(0, n, 128)])
+    cases = [scenes.make_edit_case(scenes.HELDOUT_SEED_START + 800_000 + i) for i in range(n)]
+    xe = to_tensor(np.stack([c[0] for c in cases]))
+    keep = ~torch.from_numpy(np.stack([c[1] for c in cases]))[:, None].expand(-1, 3, -1, -1)
+    rece = vae.decode(vae.encode(xe).latent_dist.mode()).sample
+    outside = [psnr(r[k][None], x0[k][None]) for r, x0, k in zip(rece, xe, keep)]
+    return {"heldout_psnr_db": psnr(rec, x), "edit_source_outside_psnr_db_median": float(np.median(outside))}
+
+
 @torch.no_grad()
 def standardize_latent_channels(vae, mean: torch.Tensor, std: torch.Tensor):
     """Fold a per-channel affine map into the VAE so that its latents have zero mean and unit
@@ -419,6 +529,16 @@ def ranker_zero_shot(model, n=300):
     return float(np.mean([phrases[p] == s.caption for p, s in zip(pred, sc)]))
 
 
+def polish_phase(vae, args) -> dict:
+    """Held-out reconstruction before, the decoder polish, held-out reconstruction after."""
+    before = reconstruction_psnr(vae)
+    log(f"before polish: {before}")
+    rep = polish_decoder(vae, args.polish_steps, args.polish_minutes, args.polish_batch)
+    rep.update(before=before, after=reconstruction_psnr(vae))
+    log(f"after polish: {rep['after']}")
+    return rep
+
+
 # ----------------------------------------------------------------------------- main
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -426,15 +546,18 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-train", type=int, default=24000)
     # Lengths: each phase stops at its number of steps or its wall-clock cap, whichever comes
-    # first (the caps add up to 53 min; with data, encoding and the preview about 57 min on 2 cores).
+    # first (the caps add up to 56 min; with data, encoding, checks and the preview about 58 min on 2 cores).
     # On a busy machine the caps bind; for a bit-reproducible run give large --*-minutes.
     ap.add_argument("--vae-steps", type=int, default=4000)
     ap.add_argument("--unet-steps", type=int, default=20000)
     ap.add_argument("--clip-steps", type=int, default=1500)
+    ap.add_argument("--polish-steps", type=int, default=3000)
     ap.add_argument("--vae-minutes", type=float, default=8.0)
+    ap.add_argument("--polish-minutes", type=float, default=3.0)
     ap.add_argument("--unet-minutes", type=float, default=40.0)
     ap.add_argument("--clip-minutes", type=float, default=5.0)
     ap.add_argument("--vae-batch", type=int, default=16)
+    ap.add_argument("--polish-batch", type=int, default=16)
     ap.add_argument("--unet-batch", type=int, default=64)
     ap.add_argument("--clip-batch", type=int, default=128)
     # 1 thread: on a shared 2-core machine, 2 OpenMP threads collapse when another process
@@ -442,7 +565,12 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-ranker", action="store_true")
     ap.add_argument("--vae-from", default=None, help="load a trained VAE folder instead of training one")
+    ap.add_argument("--polish-only", action="store_true",
+                    help="with --vae-from: polish its decoder, save <out>/demo/vae and stop (latents unchanged, "
+                    "so a UNet trained on that VAE stays valid)")
     args = ap.parse_args()
+    if args.polish_only and not args.vae_from:
+        ap.error("--polish-only needs --vae-from")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -451,6 +579,18 @@ def main():
     T0 = time.time()
     out = Path(args.out)
     report: dict = {"args": vars(args)}
+
+    if args.polish_only:  # polish a trained VAE's decoder, save it, stop
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae_from).eval()
+        report["vae"] = {"from": args.vae_from, "params": nparams(vae)}
+        report["polish"] = polish_phase(vae, args)
+        vae.save_pretrained(out / "demo" / "vae", safe_serialization=True)
+        report["total_seconds"] = time.time() - T0
+        (out / "demo" / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        log(f"saved polished VAE to {out / 'demo' / 'vae'}")
+        return
 
     # 1. data
     assert args.n_train <= scenes.TRAIN_SEED_END
@@ -478,6 +618,10 @@ def main():
         log(f"VAE params {nparams(vae):,}")
         report["vae"] = train_vae(vae, x_train, x_val, args.vae_steps, args.vae_minutes, args.vae_batch, g)
         report["vae"]["params"] = nparams(vae)
+
+    # 2b. decoder polish: encoder frozen, so the latents stay exactly what they were
+    if args.polish_steps > 0 and args.polish_minutes > 0:
+        report["polish"] = polish_phase(vae, args)
 
     # 3. latents of the training scenes, encoded once
     t = time.time()
