@@ -61,13 +61,22 @@ METHODS = [
     ("decoder paper", {"background": "decoder", "decoder_shared": False, "decoder_margin": 1024,  # whole image,
                        "decoder_patience": 0, "keep_inside": False, "exact_outside": False}),  # its whole decode
 ]
-# part C: (label, the METHODS row whose early-stopping steps it uses, finetune_decoder arguments)
+# part C: (label, the METHODS row it times, with that row's settings and early-stopping steps)
 COSTS = [
-    ("decoder (default: one copy per edit, whole decoder, window)", "decoder", {}),
-    ("decoder, a copy per candidate", "decoder, copy per candidate", {"share": False}),
-    ("decoder fast (one copy, last up block)", "decoder fast", {"blocks": FAST["decoder_blocks"]}),
-    ("decoder paper (a copy per candidate, whole image, 75 steps)", "decoder paper", {"share": False, "margin": 1024}),
+    ("decoder (default: one copy per edit, whole decoder, window)", "decoder"),
+    ("decoder, a copy per candidate", "decoder, copy per candidate"),
+    ("decoder fast (one copy, last up block)", "decoder fast"),
+    ("decoder paper (a copy per candidate, whole image, 75 steps)", "decoder paper"),
 ]
+
+
+def finetune_settings(over: dict, factor: int) -> dict:
+    """`finetune_decoder` arguments of a METHODS row, as `reconstruct` passes them."""
+    from blended.background import window_margin
+
+    cfg = EditConfig().replace(**over)
+    return {"margin": window_margin(cfg, factor), "blocks": cfg.decoder_blocks, "share": cfg.decoder_shared,
+            "lr": cfg.decoder_lr, "lam": cfg.decoder_lambda}
 
 
 # -- metrics on uint8 images -------------------------------------------------------------------
@@ -307,8 +316,9 @@ def part_c(divisor: int, size: int, mask_side: int, steps: dict[str, int], verif
         return timed(lambda: finetune_decoder(vae, lat, img, img[:1], mask, steps=k, patience=0, **kw))
 
     rows = []
-    for label, method, kw in COSTS:
-        copies = 1 if kw.get("share", True) else n  # trained copies; each runs `steps` steps
+    for label, method in COSTS:
+        kw = finetune_settings(dict(METHODS)[method], 8)  # the SD VAE's x8
+        copies = 1 if kw["share"] else n  # trained copies; each runs `steps` steps
         t2, t6 = run(2, kw), run(6, kw)
         per_step = max(t6 - t2, 0.0) / (4 * copies)
         fixed = t2 - 2 * copies * per_step  # the whole decodes that record the norms' statistics, the final decodes
@@ -316,7 +326,8 @@ def part_c(divisor: int, size: int, mask_side: int, steps: dict[str, int], verif
         estimate = fixed + copies * k * per_step
         measured = run(k, kw) if verify and copies == 1 else None  # the one-copy methods, really run
         total = measured if measured is not None else estimate
-        rows.append({"label": label, "per_step": per_step, "fixed": fixed, "steps": k, "copies": copies,
+        rows.append({"label": label, "margin": kw["margin"], "per_step": per_step, "fixed": fixed, "steps": k,
+                     "copies": copies,
                      "estimate": estimate, "measured": measured, "total": total, "ratio": total / generation})
     return {"divisor": divisor, "size": size, "mask": mask_side,
             "unet_params": sum(p.numel() for p in unet.parameters()) / 1e6,
@@ -344,11 +355,11 @@ def cost_table(c: dict) -> str:
              f"{c['decoder_params']:.1f} M parameters, random weights), {c['size']} px, a {c['mask']} px square "
              f"mask, 4 candidates: UNet step (batch 8) {c['t_unet']:.2f} s, decode {c['t_decode']:.2f} s, "
              f"generation (38 steps + decode) **{c['generation']:.1f} s**.", "",
-             "| method | copies | s / step | steps per copy | fixed s | s / edit, estimated | s / edit, run "
-             "| × generation |", "|---|---|---|---|---|---|---|---|"]
+             "| method | margin (latents) | copies | s / step | steps per copy | fixed s | s / edit, estimated "
+             "| s / edit, run | × generation |", "|---|---|---|---|---|---|---|---|---|"]
     for r in c["rows"]:
         run = f"{r['measured']:.1f}" if r["measured"] is not None else "–"
-        lines.append(f"| {r['label']} | {r['copies']} | {r['per_step']:.3f} | {r['steps']} | {r['fixed']:.1f} "
+        lines.append(f"| {r['label']} | {r['margin']} | {r['copies']} | {r['per_step']:.3f} | {r['steps']} | {r['fixed']:.1f} "
                      f"| {r['estimate']:.1f} | {run} | **{r['ratio']:.2f}** |")
     return "\n".join(lines)
 

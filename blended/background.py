@@ -68,7 +68,8 @@ def reconstruct(method: str, *, editor: Any, latents: torch.Tensor, decoded: tor
     if method == "poisson":
         return poisson(decoded, source, mask)
     vae = editor.model.pipe.vae
-    common = dict(margin=config.decoder_margin, patience=config.decoder_patience, lam=config.decoder_lambda,
+    common = dict(margin=window_margin(config, decoded.shape[-1] // latents.shape[-1]),
+                  patience=config.decoder_patience, lam=config.decoder_lambda,
                   batch_size=config.batch_size, progress=progress, should_stop=should_stop)
     if method == "latent":
         out = optimize_latents(vae, latents, decoded, source, mask, steps=config.latent_steps, lr=config.latent_lr,
@@ -83,6 +84,17 @@ def reconstruct(method: str, *, editor: Any, latents: torch.Tensor, decoded: tor
         v = feather_weights(mask, config.feather)
         out = v * out + (1 - v) * source
     return out
+
+
+def window_margin(config: EditConfig, factor: int) -> int:
+    """Latent pixels decoded around the mask's box: `decoder_margin`, or when 0 (auto) enough for the seam band
+    and as much again for the window's fade (at least 2): 2 latents at SD's x8 with an 8 px band, 4 at x4.
+    Without `exact_outside` the whole window is used, and auto is 4."""
+    if config.decoder_margin > 0:
+        return config.decoder_margin
+    if not config.exact_outside:
+        return 4
+    return max(2, -(-2 * config.feather // factor))
 
 
 def inner_weights(mask: torch.Tensor, width: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ class EditConfig:
     decoder_steps: int = 75  # Adam steps of per-edit decoder fine-tuning (paper: 75)
     decoder_lr: float = 1e-4  # Adam learning rate of decoder fine-tuning (paper: 1e-4)
     decoder_lambda: float = 100.0  # weight of the source term outside the mask, `decoder` and `latent` (paper: 100)
-    decoder_margin: int = 4  # latent pixels around the mask's box that `decoder`/`latent` decode (outer half fades)
+    decoder_margin: int = 0  # latent pixels around the mask's box that `decoder`/`latent` decode (outer half fades); 0 = auto: twice the seam band
     decoder_blocks: int = 0  # `decoder` tunes only the last N up blocks + output layers; 0 = all (paper)
     decoder_shared: bool = True  # `decoder`: one per-edit copy trained on all candidates in turn; False = a copy per candidate
     decoder_patience: int = 10  # `decoder`/`latent` stop once this many steps cut the loss < 10%; 0 = never
@@ -69,7 +69,7 @@ class EditConfig:
             (1 <= self.decoder_steps <= 1000, "decoder_steps must be between 1 and 1000"),
             (0.0 < self.decoder_lr <= 1.0, "decoder_lr must be in (0, 1]"),
             (0.0 <= self.decoder_lambda <= 1e6, "decoder_lambda must be between 0 and 1e6"),
-            (0 <= self.decoder_margin <= 1024, "decoder_margin must be between 0 and 1024 latent pixels"),
+            (0 <= self.decoder_margin <= 1024, "decoder_margin must be between 0 (auto) and 1024 latent pixels"),
             (0 <= self.decoder_blocks <= 16, "decoder_blocks must be between 0 (all) and 16"),
             (0 <= self.decoder_patience <= 1000, "decoder_patience must be between 0 and 1000 steps"),
             (1 <= self.latent_steps <= 1000, "latent_steps must be between 1 and 1000"),

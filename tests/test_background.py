@@ -406,3 +406,11 @@ def test_exact_outside_keeps_the_source_beyond_the_seam_band(sd1_editor, edit):
         assert not torch.equal(window[far], source.expand_as(window)[far])  # the decode alone is not exact
         assert torch.allclose(exact[band], (v * window + (1 - v) * source).expand_as(exact)[band], atol=1e-6)
         assert torch.equal(exact[inside], window[inside])
+
+
+def test_window_margin_covers_the_seam_band_and_its_fade():
+    auto = EditConfig()
+    assert bg.window_margin(auto, 8) == 2 and bg.window_margin(auto, 4) == 4  # 8 px band: 16 px either way
+    assert bg.window_margin(auto.replace(feather=20), 8) == 5 and bg.window_margin(auto.replace(feather=1), 8) == 2
+    assert bg.window_margin(auto.replace(decoder_margin=7), 8) == 7  # asked for: as asked
+    assert bg.window_margin(auto.replace(exact_outside=False), 8) == 4  # the whole window is kept: more context
