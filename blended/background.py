@@ -5,13 +5,17 @@ changed after decoding (faces, text, texture). Five remedies, from free to per-e
     stitch   source pixels outside the mask, the candidate inside, a feathered seam just outside the mask
     poisson  gradient-domain cloning of the masked region into the source (OpenCV `seamlessClone`)
     latent   optimise the latents so that the frozen decoder gives the source outside, the candidate inside
-    decoder  fine-tune a per-edit copy of the decoder to do the same, then decode the candidate's latents
+    decoder  fine-tune a per-edit copy of the decoder to do the same, then decode the candidates' latents
+             (one copy for all the candidates of the edit by default: their outside latents are the same)
 
-`latent` and `decoder` work on a window of the latents: the mask's box plus `decoder_margin` latent
+`latent` and `decoder` work on a window of the latents: the mask's box plus a margin of latent
 pixels. Only the window goes through the decoder's up blocks (the front, with its attention, runs on
 the whole latents; GroupNorm statistics are pinned to the whole image's), so it decodes as the whole
 image would. The decoded window is pasted over the source, its outer half fading into it: outside the
 window the source is kept exactly. A margin that covers the image gives the paper's whole-image version.
+By default the result then keeps the candidate deep inside the mask (`keep_inside`) and the source
+beyond a seam band of `feather` pixels outside it (`exact_outside`): the optimised decode only makes
+the transition.
 """
 
 from __future__ import annotations
