@@ -23,6 +23,7 @@ FLAGS = {
     "guidance_scale": ("--guidance", float, "classifier-free guidance scale"),
     "seed": ("--seed", int, "base seed; candidate i uses seed + i"),
     "blend_start": ("--blend-start", float, "fraction of the schedule skipped, in [0, 1)"),
+    "core_steps": ("--core-steps", float, "fraction of the steps that blend with the mask's core, in [0, 1)"),
     "scheduler": ("--scheduler", str, f"one of {', '.join(SCHEDULERS)}"),
     "background": ("--background", str, f"background reconstruction: {', '.join(BACKGROUND_METHODS)}"),
     "batch_size": ("--batch-size", int, "candidates denoised at once (memory bound)"),

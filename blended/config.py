@@ -22,6 +22,7 @@ class EditConfig:
     blend_start: float = 0.25  # fraction of the schedule skipped: start from z_init noised there (paper §3)
     shrink: bool = True  # progressive mask shrinking (paper §4.1)
     shrink_kernels: tuple[int, ...] = (7, 5, 3, 1)  # latent dilation kernels over equal parts of the steps; 1 = true mask
+    core_steps: float = 0.0  # fraction of the steps, from the first, that blend with the mask's core (latents wholly inside it): content forms inside the mask; 0 = the paper's schedule
     scheduler: str = "ddim"  # one of SCHEDULERS; any diffusers scheduler with `add_noise` fits the loop
     batch_size: int = 4  # candidates denoised together (bounds memory; results do not depend on it)
     mask_threshold: float = 0.5  # mask pixels above this (0..1 of the channel's range) are edited
@@ -60,6 +61,7 @@ class EditConfig:
             (0.0 <= self.blend_start < 1.0, "blend_start must be in [0, 1)"),
             (len(self.shrink_kernels) >= 1 and all(k >= 1 and k % 2 == 1 for k in self.shrink_kernels),
              "shrink_kernels must be odd integers >= 1"),
+            (0.0 <= self.core_steps < 1.0, "core_steps must be in [0, 1)"),
             (self.scheduler in SCHEDULERS, f"scheduler must be one of {', '.join(SCHEDULERS)}"),
             (1 <= self.batch_size <= 64, "batch_size must be between 1 and 64"),
             (0.0 <= self.mask_threshold < 1.0, "mask_threshold must be in [0, 1)"),

@@ -15,7 +15,7 @@ from PIL import Image
 from .config import EditConfig
 from .errors import InputError, ModelLoadError, OutOfMemory
 from .images import DEFAULT_MAX_PIXELS, ImageLike, Region, crop_to_work, load_image, load_mask, paste_back, plan_region
-from .masks import latent_mask, shrink_schedule
+from .masks import core_mask, latent_mask, shrink_schedule
 from .models import DEFAULT_MODEL, LoadedModel, load_model
 from .sampler import blend_loop
 
@@ -272,7 +272,8 @@ class Editor:
         # 3. latent masks: the true mask and its shrinking schedule
         timesteps = schedule(pipe, cfg.scheduler, cfg.num_inference_steps, cfg.blend_start)[2]
         z_mask = latent_mask(work_mask, m.vae_scale_factor).to(m.device, m.dtype)  # (1, 1, h, w)
-        masks = shrink_schedule(z_mask, len(timesteps), cfg.shrink_kernels, cfg.shrink)
+        z_core = core_mask(work_mask, m.vae_scale_factor).to(m.device, m.dtype)  # latents wholly inside
+        masks = shrink_schedule(z_mask, len(timesteps), cfg.shrink_kernels, cfg.shrink, z_core, cfg.core_steps)
         seeds = [cfg.seed + i for i in range(cfg.num_candidates)]
         chunks = [seeds[i:i + cfg.batch_size] for i in range(0, len(seeds), cfg.batch_size)]
         total_steps = len(timesteps) * len(chunks)

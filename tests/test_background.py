@@ -297,7 +297,7 @@ def test_reconstruct_dispatch_and_errors(sd1_editor, edit):
         bg.reconstruct("stitch", **{**kw, "source": source[..., :16]})
     for bad in ({"decoder_margin": -1}, {"decoder_patience": -2}, {"latent_steps": 0}, {"latent_lr": 0.0},
                 {"decoder_lr": 0.0}, {"decoder_steps": 0}, {"background": "blur"}, {"decoder_shared": "yes"},
-                {"exact_outside": 1}):
+                {"exact_outside": 1}, {"core_steps": 1.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             EditConfig(**bad).validate()
 

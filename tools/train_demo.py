@@ -666,7 +666,7 @@ def main():
     demo_dir = out / "demo"
     pipe.save_pretrained(demo_dir, safe_serialization=True)
     defaults = {"num_inference_steps": 20, "guidance_scale": 5.0, "num_candidates": 4, "blend_start": 0.0,
-                "decoder_lr": 0.001}  # measured best on held-out edits (docs/demo_model.md)
+                "decoder_lr": 0.001, "core_steps": 0.5}  # measured best on held-out edits (docs/demo_model.md)
     if not (demo_dir / "blended.json").exists():
         (demo_dir / "blended.json").write_text(json.dumps(defaults, indent=2) + "\n")
     log(f"saved pipeline to {demo_dir}")
