@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from blended import EditConfig, Editor  # noqa: E402
-from blended.background import reconstruct  # noqa: E402
+from blended.background import decoder_settings, reconstruct  # noqa: E402
 
 DOC = ROOT / "docs" / "background.md"
 PHOTOS = ROOT / "assets" / "photos"
@@ -68,15 +68,6 @@ COSTS = [
     ("decoder fast (one copy, last up block)", "decoder fast"),
     ("decoder paper (a copy per candidate, whole image, 75 steps)", "decoder paper"),
 ]
-
-
-def finetune_settings(over: dict, factor: int) -> dict:
-    """`finetune_decoder` arguments of a METHODS row, as `reconstruct` passes them."""
-    from blended.background import window_margin
-
-    cfg = EditConfig().replace(**over)
-    return {"margin": window_margin(cfg, factor), "blocks": cfg.decoder_blocks, "share": cfg.decoder_shared,
-            "lr": cfg.decoder_lr, "lam": cfg.decoder_lambda}
 
 
 # -- metrics on uint8 images -------------------------------------------------------------------
@@ -319,7 +310,8 @@ def part_c(divisor: int, size: int, mask_side: int, steps: dict[str, int], verif
 
     rows = []
     for label, method in COSTS:
-        kw = finetune_settings(dict(METHODS)[method], 8)  # the SD VAE's x8
+        kw = decoder_settings(EditConfig().replace(**dict(METHODS)[method]), 8)  # as `reconstruct` passes them, x8
+        del kw["steps"], kw["patience"]  # set by `run`
         copies = 1 if kw["share"] else n  # trained copies; each runs `steps` steps
         t2, t6 = run(2, kw), run(6, kw)
         per_step = max(t6 - t2, 0.0) / (4 * copies)

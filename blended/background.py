@@ -72,15 +72,13 @@ def reconstruct(method: str, *, editor: Any, latents: torch.Tensor, decoded: tor
     if method == "poisson":
         return poisson(decoded, source, mask)
     vae = editor.model.pipe.vae
-    common = dict(margin=window_margin(config, decoded.shape[-1] // latents.shape[-1]),
-                  patience=config.decoder_patience, lam=config.decoder_lambda,
-                  batch_size=config.batch_size, progress=progress, should_stop=should_stop)
+    factor = decoded.shape[-1] // latents.shape[-1]
     if method == "latent":
-        out = optimize_latents(vae, latents, decoded, source, mask, steps=config.latent_steps, lr=config.latent_lr,
-                               **common)
+        out = optimize_latents(vae, latents, decoded, source, mask, **latent_settings(config, factor),
+                               progress=progress, should_stop=should_stop)
     else:
-        out = finetune_decoder(vae, latents, decoded, source, mask, steps=config.decoder_steps, lr=config.decoder_lr,
-                               blocks=config.decoder_blocks, share=config.decoder_shared, **common)
+        out = finetune_decoder(vae, latents, decoded, source, mask, **decoder_settings(config, factor),
+                               progress=progress, should_stop=should_stop)
     if config.keep_inside:  # the optimised decode supplies the outside and the border; inside, the candidate
         w = inner_weights(mask, max(1, config.feather // 2))
         out = w * decoded + (1 - w) * out
@@ -99,6 +97,19 @@ def window_margin(config: EditConfig, factor: int) -> int:
     if not config.exact_outside:
         return 4
     return max(2, -(-2 * config.feather // factor))
+
+
+def latent_settings(config: EditConfig, factor: int) -> dict[str, Any]:
+    """`optimize_latents` arguments from an edit's settings (`factor`: pixels per latent)."""
+    return dict(steps=config.latent_steps, lr=config.latent_lr, lam=config.decoder_lambda,
+                margin=window_margin(config, factor), patience=config.decoder_patience, batch_size=config.batch_size)
+
+
+def decoder_settings(config: EditConfig, factor: int) -> dict[str, Any]:
+    """`finetune_decoder` arguments from an edit's settings (`factor`: pixels per latent)."""
+    return dict(steps=config.decoder_steps, lr=config.decoder_lr, lam=config.decoder_lambda,
+                margin=window_margin(config, factor), patience=config.decoder_patience, batch_size=config.batch_size,
+                blocks=config.decoder_blocks, share=config.decoder_shared)
 
 
 def inner_weights(mask: torch.Tensor, width: int) -> torch.Tensor:
@@ -557,12 +568,15 @@ def _finetune_shared(base: LatentDecoder, start: int, tuned: set[int], latents: 
     params = {k: v.detach().clone().requires_grad_(True) for k, v in base.named_parameters() if id(v) in tuned}
     opt = torch.optim.Adam(params.values(), lr=lr)
     plateau, latest = _Plateau(1, patience), [None] * B
+
+    def decode(idx: list[int]) -> torch.Tensor:  # the shared weights, candidates idx's own statistics
+        return functional_call(base, {**params, **{k: v[idx] for k, v in stats.items()}}, (x[idx], start, None, window))
+
     with torch.enable_grad():
         for step in range(steps):
             _stop_check(should_stop)
             idx = [(step * per_step + j) % B for j in range(per_step)]  # the candidates in turn
-            out = functional_call(base, {**params, **{k: v[idx] for k, v in stats.items()}},
-                                  (x[idx], start, None, window))
+            out = decode(idx)
             per = _loss(out, cand[idx], src, w_in, w_out)  # (per_step,)
             opt.zero_grad(set_to_none=True)
             per.mean().backward()
@@ -574,8 +588,7 @@ def _finetune_shared(base: LatentDecoder, start: int, tuned: set[int], latents: 
             if None not in latest and plateau.update([sum(latest) / B]):
                 break
     with torch.no_grad():
-        outs = [functional_call(base, {**params, **{k: v[idx] for k, v in stats.items()}},
-                                (x[idx], start, None, window)) for idx in chunks]
+        outs = [decode(idx) for idx in chunks]
     if progress is not None:
         progress(steps, steps)
     return torch.cat(outs).float()

@@ -15,8 +15,7 @@ def latent_mask(mask: np.ndarray, factor: int) -> torch.Tensor:
 
 def core_mask(mask: np.ndarray, factor: int) -> torch.Tensor:
     """(H, W) bool pixel mask -> (1, 1, H/f, W/f) latent mask of the latents whose pixels are all in the mask."""
-    m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
-    return -F.max_pool2d(-m, kernel_size=factor, stride=factor)
+    return 1 - latent_mask(~np.asarray(mask, dtype=bool), factor)  # no pixel under it outside the mask
 
 
 def dilate(mask: torch.Tensor, kernel: int) -> torch.Tensor:
