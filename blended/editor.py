@@ -14,11 +14,13 @@ from PIL import Image
 
 from .config import EditConfig
 from .errors import InputError, ModelLoadError, OutOfMemory
-from .images import DEFAULT_MAX_PIXELS, ImageLike, Region, crop_to_work, load_image, load_mask, paste_back, plan_region
+from .images import (DEFAULT_MAX_PIXELS, ImageLike, Region, composite, crop_to_work, load_image, load_mask, paste_back,
+                     plan_region, seam_weights)
 from .masks import core_mask, latent_mask, shrink_schedule
 from .models import DEFAULT_MODEL, LoadedModel, load_model
 from .sampler import blend_loop
 
+Preview = Callable[[int, int, list[Image.Image]], None]  # (done steps, total steps, preview images)
 Progress = Callable[[str, int, int], None]  # (stage, done, total); stages: encoding, denoising, decoding, reconstructing, ranking
 
 
@@ -100,6 +102,12 @@ def schedule(pipe: Any, name: str, num_inference_steps: int, blend_start: float,
     noiser = make_scheduler(pipe, name)
     noiser.set_timesteps(num_inference_steps, device=device)
     return sched, noiser, sched.timesteps[start:]
+
+
+def _is_oom(e: BaseException) -> bool:
+    """True for an out-of-memory error of any device (CUDA's own type; CPU and MPS raise RuntimeError)."""
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e) \
+        or "out of memory" in str(e).lower()
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
@@ -189,11 +197,37 @@ class Editor:
         _, flagged = pipe.run_safety_checker(arr, self.model.device, self.model.dtype)
         return [bool(f) for f in flagged] if flagged is not None else [False] * images.shape[0]
 
+    def _reconstruct(self, cfg: EditConfig, latents: torch.Tensor, decoded: torch.Tensor, x_source: torch.Tensor,
+                     pixel_mask: torch.Tensor, exact: bool, report: Progress,
+                     should_stop: Optional[Callable[[], bool]]) -> tuple[torch.Tensor, Optional[str]]:
+        """Background reconstruction at work size (`blended.background.reconstruct`), leaving the final stitch
+        to the full-resolution composite when `exact`. When `latent` or `decoder` runs out of memory the
+        candidates go on as they are (the composite then is the default `stitch`) and a note says so."""
+        from .background import reconstruct
+
+        report("reconstructing", 0, 1)
+        try:
+            out = reconstruct(cfg.background, editor=self, latents=latents, decoded=decoded, source=x_source.float(),
+                              mask=pixel_mask, config=cfg, composite=not exact,
+                              progress=lambda done, total: report("reconstructing", done, total),
+                              should_stop=should_stop)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if cfg.background not in ("latent", "decoder") or not _is_oom(e):
+                raise
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            fallback = "stitch" if exact else "none"
+            return decoded, (f"background '{cfg.background}' ran out of memory at {tuple(decoded.shape[-2:])[::-1]} "
+                             f"work pixels; the edit used '{fallback}' instead (a smaller mask or `resolution` "
+                             "fits in less memory)")
+        return out, None
+
     # -- the edit --------------------------------------------------------------------------------
 
     def edit(self, image: ImageLike, mask: ImageLike, prompt: str, config: Optional[EditConfig] = None, *,
              progress: Optional[Progress] = None, should_stop: Optional[Callable[[], bool]] = None,
-             **overrides: Any) -> EditResult:
+             preview: Optional[Preview] = None, preview_every: int = 1, **overrides: Any) -> EditResult:
         """Edit `image` inside `mask` to show `prompt`; everything outside the mask is kept.
 
         Args:
@@ -204,6 +238,9 @@ class Editor:
             config: the settings; default `self.defaults`. `overrides` replace single fields.
             progress: called with (stage, done, total) as the edit advances.
             should_stop: polled before every denoising step; returning True raises `EditCancelled`.
+            preview: called every `preview_every` denoising steps with (done, total, images): small RGB
+                previews of the current batch of candidates (the model's x0 estimate through a linear
+                latent -> RGB map, the source outside the mask; `blended.preview`). None = no previews.
 
         Returns:
             An `EditResult` whose candidates are full-resolution images, best first when ranked.
@@ -214,10 +251,10 @@ class Editor:
             OutOfMemory: the device ran out of memory (the model stays usable).
         """
         try:
-            return self._edit(image, mask, prompt, config, progress, should_stop, overrides)
+            return self._edit(image, mask, prompt, config, progress, should_stop, overrides,
+                              preview=preview, preview_every=preview_every)
         except (torch.OutOfMemoryError, RuntimeError) as e:
-            if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e) \
-                    and "out of memory" not in str(e).lower():
+            if not _is_oom(e):
                 raise
             gc.collect()
             if torch.cuda.is_available():
@@ -228,7 +265,8 @@ class Editor:
     @torch.no_grad()
     def _edit(self, image: ImageLike, mask: ImageLike, prompt: str, config: Optional[EditConfig],
               progress: Optional[Progress], should_stop: Optional[Callable[[], bool]],
-              overrides: dict[str, Any]) -> EditResult:
+              overrides: dict[str, Any], *, preview: Optional[Preview] = None,
+              preview_every: int = 1) -> EditResult:
         cfg = (config or self.defaults).replace(**overrides) if overrides else (config or self.defaults)
         try:
             cfg.validate()
@@ -257,7 +295,7 @@ class Editor:
         full_mask = load_mask(mask, source.size, threshold=cfg.mask_threshold, invert=cfg.invert_mask,
                               max_pixels=self.max_pixels)
         region = plan_region(source.size, full_mask, native=m.native_size, multiple=m.size_multiple,
-                             margin=cfg.crop_margin)
+                             margin=max(cfg.crop_margin, cfg.feather + 1), resolution=cfg.resolution)
         work_image, work_mask = crop_to_work(source, full_mask, region)
         notes = self._prompt_notes(prompt)
         lap("prepare")
@@ -280,6 +318,13 @@ class Editor:
 
         # 4. the blending loop, chunk by chunk; each chunk has its own scheduler state
         latents_all, decoded_all = [], []
+        previewer = None
+        if preview is not None:  # x0 estimates -> RGB by a linear map fitted once per VAE (no decode)
+            from .preview import Previewer, latent_rgb_map, predicted_x0
+
+            previewer = Previewer(latent_rgb_map(pipe.vae, self._vae_encode, m.vae_scale_factor), work_image,
+                                  work_mask)
+            every = max(1, int(preview_every))
         for c, chunk in enumerate(chunks):
             sched, noiser, _ = schedule(pipe, cfg.scheduler, cfg.num_inference_steps, cfg.blend_start, m.device)
             noise = torch.cat([  # (B, C, h, w), drawn on the CPU so a seed gives the same noise on every device
@@ -300,11 +345,19 @@ class Editor:
                     noise_pred = uncond + cfg.guidance_scale * (text - uncond)
                 return noise_pred
 
-            def step(noise_pred, t, latents, sched=sched):
-                return sched.step(noise_pred, t, latents, return_dict=False)[0]
+            x0 = [None]  # the last step's clean-latent estimate, kept only for the preview
 
-            def on_step(i, t, latents, c=c):
+            def step(noise_pred, t, latents, sched=sched, x0=x0):
+                if previewer is None:
+                    return sched.step(noise_pred, t, latents, return_dict=False)[0]
+                out = sched.step(noise_pred, t, latents)
+                x0[0] = predicted_x0(out, sched, noise_pred, t, latents)
+                return out.prev_sample
+
+            def on_step(i, t, latents, c=c, x0=x0):
                 report("denoising", c * len(timesteps) + i + 1, total_steps)
+                if previewer is not None and (i + 1) % every == 0 and i + 1 < len(timesteps):
+                    preview(c * len(timesteps) + i + 1, total_steps, previewer(x0[0]))
 
             latents = blend_loop(denoise, step, noiser.add_noise, z_init, noise, masks, timesteps,
                                  on_step=on_step, should_stop=should_stop)
@@ -318,22 +371,25 @@ class Editor:
         flagged = self._safety(decoded) if cfg.safety_checker else [False] * len(seeds)
         lap("safety")
 
-        # 5. background reconstruction at work size (paper §4.2)
+        # 5. background reconstruction at work size (paper §4.2); the final stitch comes in 6, at full resolution
         pixel_mask = torch.from_numpy(work_mask.astype(np.float32))[None, None].to(m.device)  # (1, 1, H, W)
+        exact = cfg.background != "none" and cfg.exact_outside
         if cfg.background != "none":
-            from .background import reconstruct
-
-            report("reconstructing", 0, 1)
-            decoded = reconstruct(cfg.background, editor=self, latents=latents, decoded=decoded,
-                                  source=x_source.float(), mask=pixel_mask, config=cfg,
-                                  progress=lambda done, total: report("reconstructing", done, total),
-                                  should_stop=should_stop)
+            decoded, note = self._reconstruct(cfg, latents, decoded, x_source, pixel_mask, exact, report,
+                                              should_stop)
+            notes += [note] if note else []
             lap("background")
         blank = x_source.float() * (1 - pixel_mask)  # a filtered candidate keeps the source, its edit blanked grey
         decoded = torch.stack([blank[0] if f else d for d, f in zip(decoded, flagged)])
 
-        # 6. back to full resolution
-        images = [paste_back(source, im, region, cfg.feather) for im in _to_pil(decoded)]
+        # 6. back to full resolution: the edit inside the mask and its seam band of `feather` source pixels,
+        #    the upload itself, bit for bit, beyond (`none`: the paper's decode over the whole region)
+        if exact:
+            l, t, r, b = region.box
+            weights = seam_weights(full_mask[t:b, l:r], cfg.feather)  # (h, w), in the upload's own pixels
+            images = [composite(source, im, region, weights) for im in _to_pil(decoded)]
+        else:
+            images = [paste_back(source, im, region, cfg.feather) for im in _to_pil(decoded)]
         candidates = [Candidate(image=im, seed=s, filtered=f) for im, s, f in zip(images, seeds, flagged)]
         lap("paste")
 
