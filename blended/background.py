@@ -31,6 +31,7 @@ from torch import nn
 
 from .config import BACKGROUND_METHODS, EditConfig
 from .errors import EditCancelled, InputError
+from .images import seam_weights
 
 Progress = Callable[[int, int], None]  # (done, total) optimisation steps
 ShouldStop = Callable[[], bool]
@@ -40,7 +41,7 @@ MIN_IMPROVEMENT = 0.1  # early stopping: a candidate is done when `patience` ste
 
 def reconstruct(method: str, *, editor: Any, latents: torch.Tensor, decoded: torch.Tensor, source: torch.Tensor,
                 mask: torch.Tensor, config: EditConfig, progress: Optional[Progress] = None,
-                should_stop: Optional[ShouldStop] = None) -> torch.Tensor:
+                should_stop: Optional[ShouldStop] = None, composite: bool = True) -> torch.Tensor:
     """Make the candidates keep the source outside the mask.
 
     Args:
@@ -53,6 +54,10 @@ def reconstruct(method: str, *, editor: Any, latents: torch.Tensor, decoded: tor
         config: the edit's settings (`feather`, `decoder_*`, `latent_*`).
         progress: called with (done, total) optimisation steps.
         should_stop: polled before every optimisation step; True raises `EditCancelled`.
+        composite: finish with the source beyond the seam band (`stitch`; `exact_outside` for `latent` and
+            `decoder`). False leaves that last step to the caller, who does it at the upload's own
+            resolution (`blended.images.composite`, as `Editor.edit` does): `stitch` then returns the
+            candidates as they are.
 
     Returns:
         (B, 3, H, W) float images in [-1, 1].
@@ -68,7 +73,7 @@ def reconstruct(method: str, *, editor: Any, latents: torch.Tensor, decoded: tor
     if mask.min() == 1:  # everything edited: no background to keep
         return decoded
     if method == "stitch":
-        return stitch(decoded, source, mask, config.feather)
+        return stitch(decoded, source, mask, config.feather) if composite else decoded
     if method == "poisson":
         return poisson(decoded, source, mask)
     vae = editor.model.pipe.vae
@@ -82,7 +87,7 @@ def reconstruct(method: str, *, editor: Any, latents: torch.Tensor, decoded: tor
     if config.keep_inside:  # the optimised decode supplies the outside and the border; inside, the candidate
         w = inner_weights(mask, max(1, config.feather // 2))
         out = w * decoded + (1 - w) * out
-    if config.exact_outside:  # ... and only the seam band outside: beyond `feather` px, the source exactly
+    if config.exact_outside and composite:  # ... and only the seam band outside: beyond `feather` px, the source exactly
         v = feather_weights(mask, config.feather)
         out = v * out + (1 - v) * source
     return out
@@ -138,12 +143,8 @@ def _check_shapes(latents: torch.Tensor, decoded: torch.Tensor, source: torch.Te
 
 def feather_weights(mask: torch.Tensor, feather: int) -> torch.Tensor:
     """(1, 1, H, W) weights of the candidate: 1 inside the mask, falling linearly to 0 over `feather` pixels
-    outside it (Euclidean distance), 0 beyond."""
-    import cv2
-
-    outside = (mask[0, 0] < 0.5).cpu().numpy().astype(np.uint8)
-    dist = cv2.distanceTransform(outside, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)  # 0 inside, >= 1 outside
-    w = np.clip(1.0 - dist / (feather + 1.0), 0.0, 1.0).astype(np.float32)
+    outside it (Euclidean distance), 0 beyond (`blended.images.seam_weights`)."""
+    w = seam_weights((mask[0, 0] > 0.5).cpu().numpy(), feather)
     return torch.from_numpy(w)[None, None].to(mask.device)
 
 

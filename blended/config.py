@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from .images import MAX_RESOLUTION
+
 BACKGROUND_METHODS = ("none", "stitch", "poisson", "latent", "decoder")
 SCHEDULERS = ("ddim", "dpm++", "euler")
 
@@ -28,8 +30,9 @@ class EditConfig:
     mask_threshold: float = 0.5  # mask pixels above this (0..1 of the channel's range) are edited
     invert_mask: bool = False  # edit where the mask is black instead of white
     crop_margin: int = 32  # pixels of context around the mask's box when an oversized image is cropped
-    background: str = "none"  # background reconstruction, one of BACKGROUND_METHODS (paper §4.2)
-    feather: int = 8  # seam width in pixels for `stitch` and for pasting a crop back
+    resolution: int = 0  # shorter side, in pixels, the edited region is worked at; 0 = the model's native size (never less); more gives big regions more detail, up to the region's own pixels (GPU time and memory grow with its square)
+    background: str = "stitch"  # background reconstruction, one of BACKGROUND_METHODS (paper §4.2); all but "none" keep the upload exactly beyond the seam band
+    feather: int = 8  # seam band in pixels of the upload, outside the mask, over which the edit fades into the upload
     decoder_steps: int = 75  # Adam steps of per-edit decoder fine-tuning (paper: 75)
     decoder_lr: float = 1e-4  # Adam learning rate of decoder fine-tuning (paper: 1e-4)
     decoder_lambda: float = 100.0  # weight of the source term outside the mask, `decoder` and `latent` (paper: 100)
@@ -38,7 +41,7 @@ class EditConfig:
     decoder_shared: bool = True  # `decoder`: one per-edit copy trained on all candidates in turn; False = a copy per candidate
     decoder_patience: int = 10  # `decoder`/`latent` stop once this many steps cut the loss < 10%; 0 = never
     keep_inside: bool = True  # `decoder`/`latent`: keep the candidate's own pixels inside the mask (False: the paper's whole decode)
-    exact_outside: bool = True  # `decoder`/`latent`: the source exactly beyond `feather` px outside the mask (False: the optimised decode over its whole window)
+    exact_outside: bool = True  # the upload bit for bit beyond `feather` px outside the mask, at full resolution (False: the method's result over the whole edited region, scaled back)
     latent_steps: int = 100  # Adam steps of `latent` background optimisation
     latent_lr: float = 0.05  # Adam learning rate of `latent` (on scaled latents)
     rank: bool = True  # score candidates with CLIP and sort them best first
@@ -66,6 +69,8 @@ class EditConfig:
             (1 <= self.batch_size <= 64, "batch_size must be between 1 and 64"),
             (0.0 <= self.mask_threshold < 1.0, "mask_threshold must be in [0, 1)"),
             (0 <= self.crop_margin <= 4096, "crop_margin must be between 0 and 4096 pixels"),
+            (self.resolution == 0 or 64 <= self.resolution <= MAX_RESOLUTION,
+             f"resolution must be 0 (the model's native size) or between 64 and {MAX_RESOLUTION} pixels"),
             (self.background in BACKGROUND_METHODS, f"background must be one of {', '.join(BACKGROUND_METHODS)}"),
             (0 <= self.feather <= 256, "feather must be between 0 and 256 pixels"),
             (1 <= self.decoder_steps <= 1000, "decoder_steps must be between 1 and 1000"),

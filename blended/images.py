@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import math
 import os
 from dataclasses import dataclass
 from typing import Union
@@ -145,11 +144,19 @@ def _round_to(x: float, multiple: int) -> int:
     return max(multiple, int(round(x / multiple)) * multiple)
 
 
+MAX_RESOLUTION = 4096  # the largest `resolution` (shorter side of the edited region, pixels) a setting may ask
+
+
 def plan_region(image_size: tuple[int, int], mask: np.ndarray, *, native: int, multiple: int,
-                margin: int) -> Region:
+                margin: int, resolution: int = 0) -> Region:
     """Choose what to edit: the whole image, or, when it is larger than the model's native size,
-    a crop around the mask's box (plus `margin`, grown to at least native x native). The region is
-    then resized to about the native area, keeping its aspect ratio, in multiples of `multiple`.
+    a crop around the mask's box (plus `margin`, grown to at least native x native).
+
+    The region is then resized, keeping its aspect ratio, in multiples of `multiple`, so that its
+    shorter side is `resolution` (0 = `native`): a crop is never edited below the model's native size.
+    A region larger than that is scaled down to it; one between the two keeps its own pixels (no
+    upscaling past the source's detail); one smaller than native (a small whole image) is scaled up to
+    native, the least the model works at.
     """
     w, h = image_size
     if w * h <= 1.5 * native * native:
@@ -173,7 +180,9 @@ def plan_region(image_size: tuple[int, int], mask: np.ndarray, *, native: int, m
     rw, rh = box[2] - box[0], box[3] - box[1]
     if max(rw, rh) / min(rw, rh) > MAX_ASPECT:
         raise InputError(f"the region to edit is {rw}x{rh}; its aspect ratio must be at most {MAX_ASPECT:g}:1")
-    scale = native / math.sqrt(rw * rh)
+    short = min(rw, rh)
+    target = max(native, resolution)
+    scale = min(target / short, max(1.0, native / short))  # down to `target`; up only to reach native
     work = (_round_to(rw * scale, multiple), _round_to(rh * scale, multiple))
     return Region(box=box, work_size=work, whole=whole)
 
@@ -205,8 +214,9 @@ def _edge_ramp(size: tuple[int, int], box: tuple[int, int, int, int], image_size
 
 
 def paste_back(source: Image.Image, edited: Image.Image, region: Region, feather: int) -> Image.Image:
-    """Put an edited work-size region back into the full-resolution source; outside the region the
-    source is kept exactly, at its inner edge a ramp of `feather` pixels hides the seam."""
+    """The paper's raw output (`background="none"`): the whole edited region, scaled back to its size in the
+    source and pasted in; outside the region the source is kept exactly, at its inner edge a ramp of
+    `feather` pixels hides the seam. Everything inside the region is the decode (see `composite`)."""
     patch = edited if edited.size == region.size else edited.resize(region.size, Image.Resampling.LANCZOS)
     if region.whole:
         return patch
@@ -215,4 +225,42 @@ def paste_back(source: Image.Image, edited: Image.Image, region: Region, feather
     mixed = np.asarray(patch, np.float32) * ramp + under * (1 - ramp)
     out = source.copy()
     out.paste(Image.fromarray(np.clip(mixed + 0.5, 0, 255).astype(np.uint8)), region.box[:2])
+    return out
+
+
+def seam_weights(mask: np.ndarray, feather: int) -> np.ndarray:
+    """(H, W) float32 weights of the edit at full resolution: 1 inside the (H, W) bool `mask`, falling
+    linearly to 0 over a seam band of `feather` pixels outside it (Euclidean distance), exactly 0 beyond."""
+    import cv2
+
+    outside = (~np.asarray(mask, dtype=bool)).astype(np.uint8)
+    dist = cv2.distanceTransform(outside, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)  # 0 inside, >= 1 outside
+    w = np.clip(1.0 - dist / (feather + 1.0), 0.0, 1.0)
+    return np.where(dist > feather, 0.0, w).astype(np.float32)  # no pixel farther than `feather` takes part
+
+
+def composite(source: Image.Image, edited: Image.Image, region: Region, weights: np.ndarray) -> Image.Image:
+    """The final image at the source's own resolution: the edited region (work size, scaled back to the
+    region's size) where `weights` is 1, the source where it is 0, mixed in between.
+
+    Args:
+        source: the full-resolution upload (RGB).
+        edited: the edited region at `region.work_size`.
+        region: where `edited` comes from in `source`.
+        weights: (h, w) float weights of the edit over `region.box` (`seam_weights` of the mask's crop);
+            they must be 0 at the box's sides that are not image borders, so the box leaves no trace.
+
+    Returns:
+        A new image; every pixel whose weight is 0 is the source's, bit for bit.
+    """
+    l, t, r, b = region.box
+    if weights.shape != (b - t, r - l):
+        raise ValueError(f"weights {weights.shape} do not cover the region {region.size[::-1]}")
+    patch = edited if edited.size == region.size else edited.resize(region.size, Image.Resampling.LANCZOS)
+    under = np.asarray(source.crop(region.box))
+    w = weights[..., None]
+    mixed = np.asarray(patch, np.float32) * w + under.astype(np.float32) * (1 - w)
+    out_patch = np.where(w > 0, np.clip(mixed + 0.5, 0, 255).astype(np.uint8), under)  # 0: the source, exactly
+    out = source.copy()
+    out.paste(Image.fromarray(out_patch), region.box[:2])
     return out

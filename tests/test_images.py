@@ -94,8 +94,15 @@ def test_plan_region_whole_and_crop():
     l, t, rr, b = r.box
     assert l <= 2000 - 32 and rr >= 2050 + 32 and t <= 1000 - 32 and b >= 1100 + 32
     small = plan_region((600, 400), mask[:400, :600] | True, native=512, multiple=64, margin=32)
-    assert small.whole and small.work_size[0] / small.work_size[1] == pytest.approx(1.5, abs=0.1)
-    assert all(s % 64 == 0 for s in small.work_size)
+    assert small.whole and small.work_size == (768, 512)  # never below native: the shorter side is scaled up to it
+    big = np.zeros((3024, 4032), bool)
+    big[1000:2000, 1000:2500] = True  # a 1500x1000 mask on a phone photo
+    r = plan_region((4032, 3024), big, native=512, multiple=64, margin=32)
+    assert r.size == (1564, 1064) and r.work_size == (768, 512)  # shorter side at native, aspect kept
+    more = plan_region((4032, 3024), big, native=512, multiple=64, margin=32, resolution=1024)
+    assert more.box == r.box and more.work_size == (1536, 1024)
+    own = plan_region((4032, 3024), big, native=512, multiple=64, margin=32, resolution=4096)
+    assert own.work_size == (1536, 1088)  # never past the region's own pixels (1564x1064, rounded to 64)
     with pytest.raises(InputError, match="aspect"):
         plan_region((900, 20), np.ones((20, 900), bool), native=512, multiple=64, margin=0)
 
