@@ -1,4 +1,5 @@
-"""Command line: python -m blended edit --image IMG --mask MASK --prompt TEXT [options]."""
+"""Command line: python -m blended edit --image IMG --mask MASK --prompt TEXT [options], and
+python -m blended batch JOBS.jsonl --out DIR [options] (many edits from a manifest: blended/batch.py)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, help="source image (any size, PNG/JPEG/WebP/...)")
     p.add_argument("--mask", required=True, help="mask of the same size: white (or opaque) = edit")
     p.add_argument("--prompt", required=True, help="what should appear inside the mask")
+    _add_edit_options(p)
+    p.add_argument("--out", default="outputs", help="folder for 01.png, 02.png, ... and result.json")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    b = sub.add_parser("batch", help="edit every job of a JSONL manifest",
+                       description="Edit every job of a JSONL manifest (one JSON object per line: image, mask, prompt, "
+                       "optional id and EditConfig settings); the edit options are every job's defaults. Runs in several "
+                       "processes under `accelerate launch`. See docs/batch.md.")
+    b.add_argument("manifest", help="JOBS.jsonl; relative paths in it are read from its folder")
+    b.add_argument("--out", required=True, help="folder for <id>/01.png ..., <id>/result.json and summary.jsonl")
+    _add_edit_options(b)
+    b.add_argument("--force", action="store_true", help="redo jobs whose results exist with the same settings")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+    return parser
+
+
+def _add_edit_options(p: argparse.ArgumentParser) -> None:
+    """The options shared by `edit` and `batch`: EditConfig fields, on/off switches, model and device."""
     for field, (flag, typ, text) in FLAGS.items():
         p.add_argument(flag, dest=field, type=typ, default=None, help=f"{text} (default: {getattr(EditConfig(), field)!r} "
                        "or the model's recommendation)")
@@ -60,9 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default: {DEFAULT_MODEL}, falling back to demo when it cannot be loaded)")
     p.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: the best available)")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
-    p.add_argument("--out", default="outputs", help="folder for 01.png, 02.png, ... and result.json")
-    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    return parser
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -125,10 +141,20 @@ def run_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_batch_command(args: argparse.Namespace) -> int:
+    from .batch import run_batch
+
+    def load(device: Optional[str]):
+        return _load_editor(argparse.Namespace(**{**vars(args), "device": device}))
+
+    return run_batch(args.manifest, args.out, overrides=_overrides(args), load_editor=load, device=args.device,
+                     force=args.force, quiet=args.quiet, threads=args.threads)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run_edit(args)
+        return run_batch_command(args) if args.command == "batch" else run_edit(args)
     except InputError as e:
         sys.stderr.write(f"error: {e}\n")
         return EXIT_INPUT

@@ -1,0 +1,339 @@
+"""Batch editing from a JSONL manifest: one model load, many jobs, one process or many (accelerate).
+
+    python -m blended batch JOBS.jsonl --out DIR [edit options]
+    accelerate launch --num_processes N -m blended batch JOBS.jsonl --out DIR [edit options]
+
+A job is one JSON object per line: `image`, `mask`, `prompt`, an optional `id` (default: its line number
+as 4 digits) and any `EditConfig` setting under its own name. Relative paths are read from the manifest's
+folder. Each job writes `DIR/<id>/01.png ...` and `result.json` (as `edit` does, plus the job and a hash of
+everything that made its images); `DIR/summary.jsonl` lists every job. A job whose `result.json` holds the
+same hash is skipped on a rerun.
+
+Several processes split the pending jobs with accelerate's `PartialState.split_between_processes`
+(contiguous, the same split in every process), each on its own device; the main process gathers the rows
+and writes the one summary. A job's images do not depend on the process that made them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .config import EditConfig
+from .errors import EditCancelled, InputError, OutOfMemory
+
+JOB_KEYS = ("id", "image", "mask", "prompt")
+SETTINGS = {f.name: f for f in dataclasses.fields(EditConfig)}
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # one folder name, never a path
+HASH_VERSION = 1  # bump when what the hash covers changes, so old results are redone
+SUMMARY = "summary.jsonl"
+EXIT_OK, EXIT_FAILED, EXIT_MANIFEST = 0, 1, 2
+
+
+class ManifestError(InputError):
+    """The manifest itself is unusable (the message names the file and line); no job runs."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One line of the manifest."""
+
+    line: int  # 1-based line number in the manifest
+    id: str  # output folder name under DIR
+    image: Path  # resolved against the manifest's folder
+    mask: Path
+    prompt: str
+    settings: dict[str, Any]  # EditConfig fields as written on the line (checked when the job runs)
+
+
+# -- the manifest ------------------------------------------------------------------------------------
+
+
+def read_manifest(path: str | Path) -> list[Job]:
+    """Parse a JSONL manifest; raise ManifestError naming the line of the first problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"the manifest {path} does not exist" if not path.exists()
+                            else f"the manifest {path} is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ManifestError(f"{path} is not UTF-8 text (one JSON object per line)") from None
+    base = path.resolve().parent
+    jobs: list[Job] = []
+    seen: dict[str, int] = {}
+    for n, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue  # blank lines are allowed and keep the numbering
+        where = f"{path.name} line {n}"
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise ManifestError(f"{where}: a job is a JSON object {{\"image\": ..., \"mask\": ..., \"prompt\": ...}}, "
+                                f"got {type(obj).__name__}")
+        for key in ("image", "mask", "prompt"):
+            if key not in obj:
+                raise ManifestError(f"{where}: '{key}' is missing (a job needs image, mask and prompt)")
+            if not isinstance(obj[key], str) or not obj[key].strip():
+                raise ManifestError(f"{where}: '{key}' must be a non-empty string")
+        unknown = [k for k in obj if k not in JOB_KEYS and k not in SETTINGS]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], list(JOB_KEYS) + list(SETTINGS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else " (allowed: id, image, mask, prompt and EditConfig names)"
+            raise ManifestError(f"{where}: unknown key '{unknown[0]}'{hint}")
+        job_id = obj.get("id", f"{n:04d}")
+        if isinstance(job_id, int) and not isinstance(job_id, bool):
+            job_id = str(job_id)
+        if not isinstance(job_id, str) or not ID_PATTERN.match(job_id):
+            raise ManifestError(f"{where}: id {job_id!r} must be 1-128 letters, digits, '.', '_' or '-' "
+                                "(it names the job's output folder)")
+        if job_id in seen:
+            raise ManifestError(f"{where}: id '{job_id}' is already used on line {seen[job_id]}")
+        seen[job_id] = n
+        jobs.append(Job(line=n, id=job_id, image=base / obj["image"], mask=base / obj["mask"], prompt=obj["prompt"],
+                        settings={k: v for k, v in obj.items() if k in SETTINGS}))
+    if not jobs:
+        raise ManifestError(f"{path} has no jobs (one JSON object per line)")
+    return jobs
+
+
+def coerce_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """JSON values -> EditConfig field types; InputError naming the setting whose value has the wrong type."""
+    out = {}
+    for name, value in settings.items():
+        default = SETTINGS[name].default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+            want = "true or false"
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            want = "an integer"
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            value = float(value) if ok else value  # 5 and 5.0 are one setting (and one hash)
+            want = "a number"
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+            want = "a string"
+        else:  # tuple of ints (shrink_kernels)
+            ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            value = tuple(value) if ok else value
+            want = "a list of integers"
+        if not ok:
+            raise InputError(f"setting {name} must be {want}, got {json.dumps(value)}")
+        out[name] = value
+    return out
+
+
+# -- one job ------------------------------------------------------------------------------------------
+
+
+def _file_digest(path: Path, what: str) -> str:
+    if not path.exists():
+        raise InputError(f"the {what} file does not exist: {path}")
+    if not path.is_file():
+        raise InputError(f"the {what} path is not a file: {path}")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def settings_hash(job: Job, config: EditConfig, model: str) -> str:
+    """What made a job's images: model, prompt, every setting and the bytes of image and mask (not their paths)."""
+    payload = {"version": HASH_VERSION, "model": model, "prompt": job.prompt, "settings": config.to_dict(),
+               "image": _file_digest(job.image, "image"), "mask": _file_digest(job.mask, "mask")}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _done(folder: Path, digest: str) -> Optional[dict]:
+    """The job's result.json when it was made with `digest` and all its images are there, else None."""
+    try:
+        info = json.loads((folder / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or info.get("settings_hash") != digest:
+        return None
+    if not all((folder / f).is_file() for f in info.get("files", [])):
+        return None
+    return info
+
+
+def _best_score(info: dict) -> Optional[float]:
+    cands = info.get("candidates") or []
+    return cands[0].get("scores", {}).get("score") if cands else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _row(job: Job, status: str, message: str, score: Optional[float], seconds: float) -> dict:
+    return {"id": job.id, "line": job.line, "status": status, "message": message,
+            "score": None if score is None else round(float(score), 6), "seconds": round(seconds, 3)}
+
+
+def run_job(editor: Any, job: Job, config: EditConfig, digest: str, out: Path) -> dict:
+    """Edit one job and write DIR/<id>/; return its summary row (status ok or error, never raises InputError)."""
+    t0 = time.perf_counter()
+    folder = out / job.id
+    try:
+        result = editor.edit(str(job.image), str(job.mask), job.prompt, config)
+    except (InputError, OutOfMemory) as e:
+        return _row(job, "error", str(e), None, time.perf_counter() - t0)
+    except (EditCancelled, KeyboardInterrupt):
+        raise
+    except Exception as e:  # one odd job must not end a batch of hundreds: record it, go on
+        return _row(job, "error", f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+                    None, time.perf_counter() - t0)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "result.json").unlink(missing_ok=True)  # the marker goes last: a half-written job is redone
+    files = [f"{i:02d}.png" for i in range(1, len(result.candidates) + 1)]
+    for name, cand in zip(files, result.candidates):
+        cand.image.save(folder / name)
+    for stale in folder.glob("[0-9][0-9].png"):  # a previous run with more candidates
+        if stale.name not in files:
+            stale.unlink()
+    seconds = time.perf_counter() - t0
+    info = result.to_json()
+    info["files"] = files
+    info["job"] = {"id": job.id, "line": job.line, "image": str(job.image), "mask": str(job.mask),
+                   "prompt": job.prompt, "settings": job.settings, "seconds": round(seconds, 3)}
+    info["settings_hash"] = digest
+    _write_atomic(folder / "result.json", json.dumps(info, indent=2, default=list))
+    message = "; ".join(result.notes)
+    return _row(job, "ok", message, result.candidates[0].score if result.candidates else None, seconds)
+
+
+# -- the batch ----------------------------------------------------------------------------------------
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or \
+        torch.backends.mps.is_available()
+
+
+def plan(jobs: list[Job], base: EditConfig, model: str, out: Path, force: bool) -> tuple[list[tuple], dict[str, dict]]:
+    """Check every job's settings and files and hash them: (pending (job, config, digest), rows of jobs that need
+    no run: errors and, without `force`, those already done). Deterministic, so every process gets the same."""
+    pending, rows = [], {}
+    for job in jobs:
+        try:
+            config = base.replace(**coerce_settings(job.settings))
+            try:
+                config.validate()
+            except (ValueError, TypeError) as e:
+                raise InputError(str(e)) from None
+            digest = settings_hash(job, config, model)
+        except InputError as e:
+            rows[job.id] = _row(job, "error", str(e), None, 0.0)
+            continue
+        info = None if force else _done(out / job.id, digest)
+        if info is not None:
+            seconds = float((info.get("job") or {}).get("seconds", 0.0))
+            rows[job.id] = _row(job, "skipped", "done before with the same job and settings (--force redoes it)",
+                                _best_score(info), seconds)
+        else:
+            pending.append((job, config, digest))
+    return pending, rows
+
+
+def run_batch(manifest: str | Path, out: str | Path, *, overrides: dict[str, Any],
+              load_editor: Callable[[Optional[str]], Any], device: Optional[str] = None, force: bool = False,
+              quiet: bool = False, threads: Optional[int] = None) -> int:
+    """Run every job of `manifest` into `out`; return the exit status (0 all ok or skipped, 1 some failed).
+
+    Args:
+        manifest: JSONL file, one job per line (see the module docstring).
+        out: the output folder; DIR/<id>/ per job and DIR/summary.jsonl.
+        overrides: EditConfig fields for every job (the command's edit options), under the model's
+            recommendations and over them, and under each job's own settings.
+        load_editor: called once per process with the device to use (None: the best available).
+        device: the device of a single process; several processes each take their own (accelerate's).
+        force: redo jobs whose results already exist with the same settings.
+        threads: torch CPU threads per process (None: torch's default, or accelerate's OMP_NUM_THREADS).
+
+    Raises:
+        ManifestError / InputError: a bad manifest, option or output folder (before any model is loaded).
+    """
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    out = Path(out)
+    jobs = read_manifest(manifest)
+    try:
+        EditConfig().replace(**overrides).validate()
+    except (ValueError, TypeError) as e:
+        raise InputError(str(e)) from None
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a folder")
+    if threads is not None:
+        if threads < 1:
+            raise InputError("--threads must be at least 1")
+        torch.set_num_threads(threads)
+
+    # Under a launcher (accelerate launch / torchrun) on a machine without accelerators, or with --device cpu,
+    # the processes join a gloo group on the CPU; alone, PartialState is a single process and changes nothing.
+    state = PartialState(cpu=device == "cpu" or not _has_accelerator())
+    if state.num_processes > 1:
+        if device not in (None, "cpu"):
+            raise InputError("--device is for one process; under accelerate each process takes its own device")
+        device = str(state.device)
+    say = sys.stderr.write if state.is_main_process and not quiet else (lambda s: None)
+    t0 = time.perf_counter()
+    editor = load_editor(device)
+    base = editor.defaults.replace(**overrides)
+    say(f"loaded {editor.model.name} on {editor.model.device} in {time.perf_counter() - t0:.1f} s"
+        + (f" ({state.num_processes} processes)\n" if state.num_processes > 1 else "\n"))
+
+    pending, rows = plan(jobs, base, editor.model.name, out, force)
+    state.wait_for_everyone()  # every process has planned before any writes a result
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    state.wait_for_everyone()
+
+    mine: list[dict] = []
+    with state.split_between_processes(pending) as share:
+        from tqdm.auto import tqdm
+
+        desc = "jobs" if state.num_processes == 1 else f"jobs (process 0 of {state.num_processes})"
+        bar = tqdm(share, desc=desc, unit="job", disable=quiet or not state.is_main_process, file=sys.stderr,
+                   dynamic_ncols=True)
+        for job, config, digest in bar:
+            bar.set_postfix_str(job.id, refresh=False)
+            row = run_job(editor, job, config, digest, out)
+            if row["status"] == "error" and state.is_main_process and not quiet:
+                bar.write(f"job {job.id} (line {job.line}): {row['message']}", file=sys.stderr)
+            mine.append(row)
+        bar.close()
+    done = gather_object(mine) if state.num_processes > 1 else mine
+    for row in done:
+        rows[row["id"]] = row
+    ordered = [rows[job.id] for job in jobs]
+    failed = sum(r["status"] == "error" for r in ordered)
+    if state.is_main_process:
+        _write_atomic(out / SUMMARY, "".join(json.dumps(r) + "\n" for r in ordered))
+        if failed:  # with the other processes' errors, which their bars did not print
+            for r in ordered:
+                if r["status"] == "error" and r["id"] not in {m["id"] for m in mine}:
+                    say(f"job {r['id']} (line {r['line']}): {r['message']}\n")
+        counts = {s: sum(r["status"] == s for r in ordered) for s in ("ok", "skipped", "error")}
+        say(f"{len(ordered)} jobs: {counts['ok']} ok, {counts['skipped']} skipped, {counts['error']} failed "
+            f"in {time.perf_counter() - t0:.1f} s; summary in {out / SUMMARY}\n")
+        if failed:
+            sys.stderr.write(f"error: {failed} of {len(ordered)} jobs failed (see {out / SUMMARY})\n")
+    state.wait_for_everyone()
+    return EXIT_FAILED if failed else EXIT_OK
