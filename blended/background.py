@@ -36,6 +36,7 @@ from .images import seam_weights
 Progress = Callable[[int, int], None]  # (done, total) optimisation steps
 ShouldStop = Callable[[], bool]
 
+CHECKPOINT_PIXELS = 128 * 128  # `latent`/`decoder` windows larger than this recompute activations in backward
 MIN_IMPROVEMENT = 0.1  # early stopping: a candidate is done when `patience` steps lowered its loss by less than this
 
 
@@ -274,9 +275,13 @@ class PinnedGroupNorm(nn.Module):
                 self.mean, self.var = mean.detach(), var.detach()
         else:
             mean, var = self.mean, self.var
-        groups = (groups - mean[..., None]) * torch.rsqrt(var[..., None] + self.eps)
-        shape = (1, c) + (1,) * (x.dim() - 2)
-        return groups.reshape(x.shape) * self.weight.reshape(shape) + self.bias.reshape(shape)
+        # one multiply-add per element: (x - mean) * rsqrt(var + eps) * weight + bias, folded into a per-channel
+        # scale and shift, so that backprop keeps one image-sized tensor per norm instead of four
+        per_channel = c // self.num_groups
+        scale = torch.rsqrt(var + self.eps).repeat_interleave(per_channel, 1) * self.weight  # (B, C)
+        shift = self.bias - mean.repeat_interleave(per_channel, 1) * scale
+        shape = (b, c) + (1,) * (x.dim() - 2)
+        return torch.addcmul(shift.reshape(shape), x, scale.reshape(shape))
 
 
 class LatentDecoder(nn.Module):
@@ -306,6 +311,7 @@ class LatentDecoder(nn.Module):
         if isinstance(d.conv_norm_out, nn.GroupNorm):
             d.conv_norm_out = PinnedGroupNorm(d.conv_norm_out)
         self.pinned = {n: m for n, m in self.named_modules() if isinstance(m, PinnedGroupNorm)}
+        self.checkpointing = False  # recompute the up blocks' activations in backward (memory for time)
 
     @property
     def num_stages(self) -> int:
@@ -346,14 +352,44 @@ class LatentDecoder(nn.Module):
                 x = x / self.scaling_factor + self.shift_factor
                 if self.post_quant_conv is not None:
                     x = self.post_quant_conv(x)
-                x = d.mid_block(d.conv_in(x), None)  # (B, C', h, w)
+                x = d.conv_in(x)
+                x = self._checkpointed(d.mid_block, x, None) if self._checkpoint() else d.mid_block(x, None)  # (B, C', h, w)
                 if window is not None:
                     x = window.latents(x)
             elif i <= len(d.up_blocks):
-                x = d.up_blocks[i - 1](x, None)
+                x = self._run(d.up_blocks[i - 1], x)
+            elif self._checkpoint():
+                x = self._checkpointed(nn.Sequential(d.conv_norm_out, d.conv_act, d.conv_out), x)
             else:
                 x = d.conv_out(d.conv_act(d.conv_norm_out(x)))
         return x
+
+    def _checkpoint(self) -> bool:
+        return self.checkpointing and torch.is_grad_enabled()
+
+    def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One up block; with `checkpointing` under autograd, each resnet and upsampler of it is recomputed in
+        the backward pass instead of keeping its activations (the whole block when it has attention)."""
+        if not self._checkpoint():
+            return block(x, None)
+        if getattr(block, "attentions", None) is not None or not hasattr(block, "resnets"):
+            return self._checkpointed(block, x, None)
+        for resnet in block.resnets:
+            x = self._checkpointed(resnet, x, None)
+        for up in block.upsamplers or []:
+            x = self._checkpointed(up, x)
+        return x
+
+    @staticmethod
+    def _checkpointed(module: nn.Module, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        """`module(x, *args)` under activation checkpointing. The weights and pinned statistics in use now (those
+        `functional_call` swapped in) are handed to the recomputation explicitly: by the time the backward
+        pass reruns the module, it holds its own tensors again."""
+        from torch.func import functional_call
+        from torch.utils.checkpoint import checkpoint
+
+        tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+        return checkpoint(lambda x: functional_call(module, tensors, (x, *args)), x, use_reentrant=False)
 
 
 class _Plateau:
@@ -402,11 +438,12 @@ def _device_of(vae: nn.Module) -> torch.device:
 
 def optimize_latents(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tensor, source: torch.Tensor,
                      mask: torch.Tensor, *, steps: int = 100, lr: float = 0.05, lam: float = 100.0, margin: int = 4,
-                     patience: int = 10, batch_size: int = 4, progress: Optional[Progress] = None,
-                     should_stop: Optional[ShouldStop] = None) -> torch.Tensor:
+                     patience: int = 10, batch_size: int = 4, checkpointing: Optional[bool] = None,
+                     progress: Optional[Progress] = None, should_stop: Optional[ShouldStop] = None) -> torch.Tensor:
     """Background reconstruction by latent optimisation (paper §4.2): Adam on the window's latents,
     starting from the candidates', so that the frozen decoder (an fp32 copy) reproduces the candidate
-    inside the mask and the source outside it. Shapes as in `reconstruct`; returns (B, 3, H, W) in [-1, 1]."""
+    inside the mask and the source outside it. Shapes as in `reconstruct`; `checkpointing` as in
+    `finetune_decoder`; returns (B, 3, H, W) in [-1, 1]."""
     from torch.func import functional_call
 
     dev = _device_of(vae)
@@ -414,6 +451,7 @@ def optimize_latents(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tenso
     decoded, source, mask = decoded.float().to(dev), source.float().to(dev), mask.float().to(dev)
     window = latent_window(mask, latent_size, margin)
     base = LatentDecoder(vae)
+    base.checkpointing = needs_checkpointing(window) if checkpointing is None else checkpointing
     cand, src, w_in, w_out = _targets(window, decoded, source, mask, lam)
     latents = latents.float().to(dev)
     B = latents.shape[0]
@@ -453,6 +491,11 @@ def optimize_latents(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tenso
     return paste(window, torch.cat(outs), source, latent_size)
 
 
+def needs_checkpointing(window: Window) -> bool:
+    """Whether a window is large enough for activation checkpointing to pay (see `CHECKPOINT_PIXELS`)."""
+    return (window.bottom - window.top) * (window.right - window.left) * window.factor ** 2 > CHECKPOINT_PIXELS
+
+
 def _decode_each(base: LatentDecoder, tensors: dict[str, torch.Tensor], x: torch.Tensor, start: int,
                  window: Window, stop: Optional[int] = None) -> torch.Tensor:
     """Run `base` on x[i] with the i-th slice of each stacked tensor (G, ...) it is given (weights, pinned
@@ -469,7 +512,8 @@ def _decode_each(base: LatentDecoder, tensors: dict[str, torch.Tensor], x: torch
 def finetune_decoder(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tensor, source: torch.Tensor,
                      mask: torch.Tensor, *, steps: int = 75, lr: float = 1e-4, lam: float = 100.0, margin: int = 4,
                      patience: int = 10, batch_size: int = 4, blocks: int = 0, share: bool = True,
-                     vectorize: Optional[bool] = None, progress: Optional[Progress] = None,
+                     vectorize: Optional[bool] = None, checkpointing: Optional[bool] = None,
+                     progress: Optional[Progress] = None,
                      should_stop: Optional[ShouldStop] = None) -> torch.Tensor:
     """Background reconstruction by per-edit decoder fine-tuning (paper §4.2): an fp32 copy of the decoder,
     trained with Adam so that it decodes the candidates' latents to the candidates inside the mask and to the
@@ -483,6 +527,10 @@ def finetune_decoder(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tenso
             candidate, the paper's per-image fine-tuning applied to each.
         vectorize: without `share`, train up to `batch_size` copies at once with `torch.func.vmap` (one Adam
             over stacked weights: per-element, so the same as separate runs); default on CUDA only.
+        checkpointing: recompute the decoder's activations in the backward pass (each resnet of the up blocks,
+            the mid block, the output layers) instead of keeping them: the same gradients, a fraction of the
+            memory, some more time (docs/benchmarks.md). Default: on when the window has more than
+            `CHECKPOINT_PIXELS` pixels. Not with vectorised copies.
         Others as in `reconstruct`.
 
     Returns:
@@ -495,13 +543,15 @@ def finetune_decoder(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tenso
     decoded, source, mask = decoded.float().to(dev), source.float().to(dev), mask.float().to(dev)
     window = latent_window(mask, latent_size, margin)
     base = LatentDecoder(vae)  # fp32 copy; functional_call swaps in each candidate's weights
+    base.checkpointing = needs_checkpointing(window) if checkpointing is None else checkpointing
     start = 0 if blocks <= 0 else max(base.num_stages - 1 - blocks, 0)  # first trained stage
     tuned = {id(p) for m in base.stage_modules(start) for p in m.parameters()}
     cand, src, w_in, w_out = _targets(window, decoded, source, mask, lam)
     latents = latents.float().to(dev)
     B = latents.shape[0]
     if share:
-        per_step = min(batch_size, B) if dev.type == "cuda" else 1
+        # several candidates per step on CUDA, one on the CPU and for large windows (memory: docs/benchmarks.md)
+        per_step = min(batch_size, B) if dev.type == "cuda" and not base.checkpointing else 1
         out = _finetune_shared(base, start, tuned, latents, (cand, src, w_in, w_out), window, steps=steps, lr=lr,
                                patience=patience, per_step=per_step, batch_size=batch_size, progress=progress,
                                should_stop=should_stop)
@@ -509,6 +559,7 @@ def finetune_decoder(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tenso
     if vectorize is None:
         vectorize = dev.type == "cuda"
     size = batch_size if vectorize else 1
+    base.checkpointing = base.checkpointing and not vectorize
     groups = [list(range(i, min(i + size, B))) for i in range(0, B, size)]
     total, outs = steps * len(groups), []
     with torch.enable_grad():

@@ -414,3 +414,56 @@ def test_window_margin_covers_the_seam_band_and_its_fade():
     assert bg.window_margin(auto.replace(feather=20), 8) == 5 and bg.window_margin(auto.replace(feather=1), 8) == 2
     assert bg.window_margin(auto.replace(decoder_margin=7), 8) == 7  # asked for: as asked
     assert bg.window_margin(auto.replace(exact_outside=False), 8) == 4  # the whole window is kept: more context
+
+
+def test_checkpointing_gives_the_same_gradients_with_swapped_in_weights(vae, edit):
+    """Activation checkpointing recomputes each up-block piece in backward with the weights `functional_call`
+    swapped in (not the module's own): outputs and gradients match the plain run exactly."""
+    from torch.func import functional_call
+
+    latents, _, _, mask = edit
+    base = bg.LatentDecoder(vae)
+    window = bg.latent_window(mask, tuple(latents.shape[-2:]), 1)
+    _, stats = base.record(latents[:1])
+    g = torch.Generator().manual_seed(0)
+    params = {k: (v + 0.05 * torch.randn(v.shape, generator=g)).requires_grad_(True)  # differ from the module's
+              for k, v in base.named_parameters()}
+    results = []
+    for checkpointing in (False, True):
+        base.checkpointing = checkpointing
+        with torch.enable_grad():
+            out = functional_call(base, {**params, **stats}, (latents[:1], 0, None, window))
+            grads = torch.autograd.grad((out ** 2).mean(), list(params.values()))
+        results.append((out.detach(), grads))
+    (o1, g1), (o2, g2) = results
+    assert torch.allclose(o1, o2, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(g1, g2))
+    assert sum(float(a.abs().sum()) for a in g1) > 0
+
+
+def test_checkpointing_changes_nothing_in_the_result(vae, edit):
+    latents, decoded, source, mask = edit
+    kw = dict(steps=4, lr=3e-3, margin=2, patience=0)
+    plain = bg.finetune_decoder(vae, latents, decoded, source, mask, checkpointing=False, **kw)
+    ckpt = bg.finetune_decoder(vae, latents, decoded, source, mask, checkpointing=True, **kw)
+    assert torch.allclose(plain, ckpt, atol=1e-5)
+    small = bg.latent_window(mask, tuple(latents.shape[-2:]), 2)
+    assert not bg.needs_checkpointing(small)  # the tests' 32 px windows: auto leaves it off
+    assert bg.needs_checkpointing(bg.Window(0, 0, 64, 64, factor=8, fade=8))  # 512 px: on
+
+
+def test_decoder_out_of_memory_falls_back_to_the_default_with_a_note(sd1_editor, monkeypatch):
+    """A decoder fine-tuning that runs out of memory is not an error: the edit keeps the default composite."""
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    image, mask = scene(48, 32), box_mask(48, 32, (16, 8, 36, 24))
+    kw = dict(num_inference_steps=3, num_candidates=2, rank=False)
+    monkeypatch.setattr(bg, "finetune_decoder", no_memory)
+    r = sd1_editor.edit(image, mask, "a red circle", background="decoder", **kw)
+    assert any("ran out of memory" in n and "stitch" in n for n in r.notes)
+    default = sd1_editor.edit(image, mask, "a red circle", **kw)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(r.images, default.images))
+    monkeypatch.setattr(bg, "finetune_decoder", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape bug")))
+    with pytest.raises(RuntimeError, match="shape bug"):  # other errors are not hidden
+        sd1_editor.edit(image, mask, "a red circle", background="decoder", **kw)
