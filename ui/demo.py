@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
+import queue
+import threading
+import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import gradio as gr
 
@@ -12,21 +16,49 @@ from blended import EditCancelled, EditConfig, Editor, EditResult, InputError
 from blended.config import BACKGROUND_METHODS, SCHEDULERS
 from blended.models import PRESETS
 
-from .editing import OutputDir, StopSwitch, caption, checked_image, editor_inputs, progress_label, \
-    server_defaults, settings_to_config
+from .editing import SIDES, OutputDir, StopSwitch, brush_radius, caption, checked_image, continue_history, \
+    editor_inputs, extend_canvas, extension, progress_label, server_defaults, settings_to_config
 from .limits import Limits
+from .speed import cpu_notice
 from .zerogpu import gpu
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 BRUSH_COLOUR = ("#ff00ff", 0.55)  # translucent, so the picture stays visible under the mask
-BRUSH_RADIUS = 6  # image pixels; the editor's size control changes it (its "auto" is ~25 px on any image)
+BRUSH_RADIUS = 6  # image pixels, before an upload; then `brush_radius(size)` (the size control changes it)
+PREVIEW_INTERVAL = 0.25  # seconds between two live previews sent to the page (the engine makes them more often)
+PREVIEWS_PER_CHUNK = 10  # the engine makes a preview every steps / PREVIEWS_PER_CHUNK steps
 EDIT_CONCURRENCY = "edit"  # UI and API edits share one concurrency group (one model, one accelerator)
 GPU_SECONDS = 180  # longest edit a ZeroGPU Space grants a device for
 
 INTRO = """# blended: text-driven local image editing
 Upload a picture, **paint over the region to change** (brush; the eraser, brush size and undo are in the
-editor's toolbar), describe what should appear there and press **Generate**. Everything outside the painted
-region is kept. Method: *Blended Latent Diffusion* (Avrahami, Fried, Lischinski, SIGGRAPH 2023)."""
+editor's toolbar), describe what should appear there and press **Generate**. Beyond the painted region and a
+thin seam band around it (8 pixels), every pixel comes back exactly as uploaded, at full resolution.
+Method: *Blended Latent Diffusion* (Avrahami, Fried, Lischinski, SIGGRAPH 2023)."""
+
+
+# Ctrl/Cmd+Enter in the prompt (or the negative prompt) presses Generate
+KEYS_JS = """() => {
+  document.addEventListener("keydown", (e) => {
+    if (e.key !== "Enter" || !(e.ctrlKey || e.metaKey)) return;
+    if (!e.target.closest || !e.target.closest("#prompt, #negative-prompt")) return;
+    e.preventDefault();
+    document.querySelector("#generate")?.click();
+  }, true);
+}"""
+
+
+def brush_for(size: tuple[int, int], **value: Any) -> gr.ImageEditor:
+    """An editor update whose brush and eraser fit an image of `size` (w, h); `value=` also sets the image."""
+    radius = brush_radius(size)
+    return gr.ImageEditor(**value, brush=gr.Brush(colors=[BRUSH_COLOUR], default_color=BRUSH_COLOUR, color_mode="fixed",
+                                         default_size=radius),
+                          eraser=gr.Eraser(default_size=radius))
+
+
+def editor_value(background: Any, layers: Optional[list] = None) -> dict:
+    """An ImageEditor value that draws its layers (gradio draws them only when `composite` is None)."""
+    return {"background": background, "layers": list(layers or []), "composite": None}
 
 
 def is_demo_model(editor: Editor) -> bool:
@@ -65,21 +97,28 @@ def settings_widgets(defaults: EditConfig, limits: Limits) -> dict[str, gr.compo
     w["shrink"] = gr.Checkbox(value=defaults.shrink, label="Progressive mask shrinking")
     w["background"] = gr.Dropdown(list(BACKGROUND_METHODS), value=defaults.background,
                                   label="Background reconstruction")
-    w["preserve_background"] = gr.Checkbox(value=defaults.background == "decoder",
-                                           label="Preserve faces and text in the background (decoder fine-tuning)")
+    w["preserve_background"] = gr.Checkbox(
+        value=defaults.background == "decoder", label="Preserve faces and text next to the mask (decoder fine-tuning)",
+        info=f"Off, the photo is kept bit for bit beyond a {defaults.feather} px seam band, where the edit cross-fades "
+             "into it. On, a copy of the decoder is fine-tuned for the edit, so the band comes out seamless and faces "
+             "or text right next to the mask stay sharp; it adds about a third to a half of the edit's time on a GPU "
+             "(much more on a CPU with Stable Diffusion).")
     w["scheduler"] = gr.Dropdown(list(SCHEDULERS), value=defaults.scheduler, label="Scheduler")
     for name, widget in w.items():
         widget.elem_id = name.replace("_", "-")
     return w
 
 
-def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optional[str] = None) -> gr.Blocks:
+def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optional[str] = None,
+                speed: Optional[str] = "auto") -> gr.Blocks:
     """Build the app around `editor` (not launched: call `.queue(...)` and `.launch(...)` on it).
 
     Args:
         editor: the loaded engine, shared by every request.
         limits: deployment limits; default `Limits.from_env()`.
         notice: an extra line for the demo-model banner (e.g. why the requested model is not in use).
+        speed: a banner about the time an edit takes here; "auto" times one UNet call when a Stable Diffusion
+            model runs on the CPU (`ui.speed.cpu_notice`), None shows none.
 
     API endpoints: `/edit` (image file, mask file, prompt, settings JSON -> gallery, result JSON) and
     `/stop` (stops the running edits of the caller's session).
@@ -88,24 +127,28 @@ def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optiona
     defaults = server_defaults(editor.defaults, limits)
     files = OutputDir()
     switch = StopSwitch()
+    if speed == "auto":
+        speed = None if is_demo_model(editor) else cpu_notice(editor, defaults)
 
     @gpu(duration=GPU_SECONDS)
     def run_edit(source, mask, prompt: str, config: EditConfig, report: Callable,
-                 should_stop: Callable[[], bool]) -> EditResult:
-        return editor.edit(source, mask, prompt, config, progress=report, should_stop=should_stop)
+                 should_stop: Callable[[], bool], preview: Optional[Callable] = None) -> EditResult:
+        every = max(1, config.num_inference_steps // PREVIEWS_PER_CHUNK)
+        return editor.edit(source, mask, prompt, config, progress=report, should_stop=should_stop,
+                           preview=preview, preview_every=every)
 
-    def guarded_edit(source, mask, prompt: str, config: EditConfig, request: Optional[gr.Request],
-                     progress: gr.Progress) -> EditResult:
-        """One edit with a Stop flag of its own and named progress stages; user-caused errors become gr.Error."""
-        session = getattr(request, "session_hash", None) or "anonymous"
-        stop = switch.start(session)
+    def session_of(request: Optional[gr.Request]) -> str:
+        return getattr(request, "session_hash", None) or "anonymous"
 
-        def report(stage: str, done: int, total: int) -> None:
-            if stage != "done":
-                progress((done, max(total, 1)), desc=progress_label(stage, done, total), unit="steps")
+    def show_progress(progress: gr.Progress, stage: str, done: int, total: int) -> None:
+        if stage != "done":
+            progress((done, max(total, 1)), desc=progress_label(stage, done, total), unit="steps")
 
+    def guarded_edit(source, mask, prompt: str, config: EditConfig, stop: threading.Event, report: Callable,
+                     preview: Optional[Callable] = None) -> EditResult:
+        """One edit polling `stop`, reporting named stages; user-caused errors become gr.Error."""
         try:
-            return run_edit(source, mask, prompt, config, report, stop.is_set)
+            return run_edit(source, mask, prompt, config, report, stop.is_set, preview)
         except InputError as e:
             raise gr.Error(str(e), title="Cannot edit") from None
         except EditCancelled:
@@ -114,7 +157,47 @@ def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optiona
             if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
                 raise gr.Error("Out of memory: try fewer candidates or a smaller image.", title="Cannot edit") from None
             raise
+
+    def streamed_edit(source, mask, prompt: str, config: EditConfig, request: Optional[gr.Request],
+                      progress: gr.Progress, live: bool) -> Iterator[Any]:
+        """Run the edit in a worker thread; yield ("preview", done, total, images) at most every
+        PREVIEW_INTERVAL seconds while it denoises (when `live`), then ("result", EditResult).
+
+        Closing the generator (gradio's cancel) stops the edit at its next denoising step."""
+        session = session_of(request)
+        stop = switch.start(session)
+        messages: queue.Queue = queue.Queue()
+
+        def work() -> None:
+            try:
+                messages.put(("result", guarded_edit(
+                    source, mask, prompt, config, stop, lambda *a: messages.put(("progress", *a)),
+                    (lambda *a: messages.put(("preview", *a))) if live else None)))
+            except BaseException as e:  # noqa: BLE001  (re-raised in the handler's thread)
+                messages.put(("error", e))
+
+        worker = threading.Thread(target=contextvars.copy_context().run, args=(work,), daemon=True)
+        worker.start()
+        finished, last = False, 0.0
+        try:
+            while True:
+                kind, *rest = messages.get()
+                if kind == "progress":
+                    show_progress(progress, *rest)
+                elif kind == "preview":
+                    if time.monotonic() - last >= PREVIEW_INTERVAL:
+                        last = time.monotonic()
+                        yield ("preview", *rest)
+                elif kind == "error":
+                    finished = True
+                    raise rest[0]
+                else:
+                    finished = True
+                    yield ("result", rest[0])
+                    return
         finally:
+            if not finished:
+                stop.set()
             switch.finish(session, stop)
 
     def outputs_of(result: EditResult, source) -> tuple[list, tuple[str, str], str, dict]:
@@ -129,12 +212,15 @@ def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optiona
             text = ("**The bundled demo model is in use.** It only knows simple scenes of coloured shapes at "
                     "64x64 pixels: try *a red circle* or *a blue square* on the shape examples below.")
             gr.Markdown(text + (f"<br>{notice}" if notice else ""), elem_id="demo-banner", container=True)
+        if speed:
+            gr.Markdown(speed, elem_id="speed-banner", container=True)
 
         with gr.Row():
             with gr.Column(scale=1):
                 image_editor = gr.ImageEditor(
                     label="Image: paint over the region to edit", type="pil", image_mode="RGBA", format="png",
-                    sources=("upload", "clipboard"), transforms=(), layers=False, fixed_canvas=False,
+                    sources=("upload", "clipboard"), transforms=(), fixed_canvas=False,
+                    layers=gr.LayerOptions(allow_additional_layers=False, layers=["mask"]),
                     brush=gr.Brush(colors=[BRUSH_COLOUR], default_color=BRUSH_COLOUR, color_mode="fixed",
                                    default_size=BRUSH_RADIUS),
                     eraser=gr.Eraser(default_size=BRUSH_RADIUS), elem_id="editor")
@@ -142,8 +228,18 @@ def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optiona
                     clear_mask = gr.Button("Clear mask", size="sm", elem_id="clear-mask")
                     invert_mask = gr.Checkbox(label="Invert mask (edit outside the painted region)",
                                               value=defaults.invert_mask, elem_id="invert-mask")
-                prompt = gr.Textbox(label="Prompt", placeholder="what should appear in the painted region",
-                                    max_lines=3, elem_id="prompt")
+                with gr.Accordion("Extend the canvas (outpainting)", open=False, elem_id="extend"):
+                    with gr.Row():
+                        extend_sides = gr.CheckboxGroup(list(SIDES), value=["right"], label="Sides",
+                                                        elem_id="extend-sides")
+                        extend_percent = gr.Slider(5, 100, step=5, value=25, label="By (% of the image's size)",
+                                                   elem_id="extend-percent")
+                    extend = gr.Button("Extend the canvas", size="sm", elem_id="extend-canvas")
+                    gr.Markdown("The new area is filled with the picture's blurred edge colours and becomes the "
+                                "mask: describe what should be there and press Generate.")
+                prompt = gr.Textbox(label="Prompt (Ctrl/Cmd+Enter generates)",
+                                    placeholder="what should appear in the painted region", max_lines=3,
+                                    elem_id="prompt")
                 negative_prompt = gr.Textbox(label="Negative prompt", value=defaults.negative_prompt,
                                              placeholder="what to avoid (optional)", max_lines=3,
                                              elem_id="negative-prompt")
@@ -151,57 +247,129 @@ def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optiona
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")
                 with gr.Accordion("Settings", open=False):
+                    live_preview = gr.Checkbox(value=True, label="Live preview while denoising (a rough look "
+                                               "at the candidates forming)", elem_id="live-preview")
                     settings = settings_widgets(defaults, limits)
             with gr.Column(scale=1):
                 gallery = gr.Gallery(label="Candidates, best first", format="png", columns=2, height="auto",
                                      object_fit="contain", elem_id="gallery")
+                with gr.Row():
+                    keep_editing = gr.Button("Continue editing the selected candidate", size="sm",
+                                             interactive=False, elem_id="continue-editing")
+                    download = gr.DownloadButton("Download the selected candidate (full-resolution PNG)",
+                                                 interactive=False, size="sm", elem_id="download")
                 before_after = gr.ImageSlider(label="Before / after (select a candidate)", type="filepath",
                                               format="png", elem_id="before-after")
-                download = gr.DownloadButton("Download the selected candidate (full-resolution PNG)",
-                                             interactive=False, elem_id="download")
+                history_gallery = gr.Gallery(label="Edit history (select a version to edit it again)",
+                                             format="png", columns=6, height="auto", object_fit="contain",
+                                             allow_preview=False, elem_id="history")
                 with gr.Accordion("Details (JSON)", open=False):
                     details = gr.JSON(label="Result", elem_id="details")
         settings.update(negative_prompt=negative_prompt, invert_mask=invert_mask)
-        results = gr.State(None)  # {"source": path, "paths": [...]} of this session's last edit
+        results = gr.State(None)  # {"source": path, "paths": [...], "selected": i} of this session's last edit
+        history = gr.State([])  # the session's versions: [{"path", "label", "digest"}], oldest first
+
+        redraw = gr.State(None)  # an editor value to send again once the editor has taken the new image's size
+
+        def again(value: Optional[dict]) -> Any:
+            """Send an editor value a second time: gradio 6.31 places layers that arrive together with a background of
+            a new size by the old size, so they are drawn again once the canvas has the new size."""
+            return gr.skip() if value is None else value
 
         examples = load_examples()
         if examples:
+            def on_example(value: Optional[dict], text: str) -> Any:
+                if not value or value.get("background") is None:
+                    return gr.skip()
+                return brush_for(value["background"].size, value=editor_value(value["background"],
+                                                                                   value.get("layers")))
+
             gr.Examples(
-                examples=[[{"background": ex["image"], "layers": [ex["mask"]], "composite": ex["image"]},
-                           ex["prompt"]] for ex in examples],
-                inputs=[image_editor, prompt], example_labels=[ex["name"] for ex in examples], cache_examples=False,
-                label="Examples: click one, then Generate (its mask is applied, though the editor does not draw it)")
+                examples=[[editor_value(ex["image"], [ex["mask"]]), ex["prompt"]] for ex in examples],
+                inputs=[image_editor, prompt], outputs=image_editor, fn=on_example, run_on_click=True,
+                example_labels=[ex["name"] for ex in examples], cache_examples=False,
+                label="Examples: click one (its mask is the magenta layer: erase or add to it), then Generate")
 
         # -- events: handlers read their inputs by component, settings by name ---------------------------
-        def on_generate(data: dict, request: gr.Request, progress=gr.Progress()) -> dict:
+        def on_generate(data: dict, request: gr.Request, progress=gr.Progress()) -> Iterator[dict]:
             values = {name: data[widget] for name, widget in settings.items()}
             try:
                 source, mask = editor_inputs(data[image_editor], limits)
                 config = settings_to_config(defaults, values, limits)
             except InputError as e:
                 raise gr.Error(str(e), title="Cannot edit") from None
-            result = guarded_edit(source, mask, data[prompt], config, request, progress)
-            items, pair, best, state = outputs_of(result, source)
-            return {gallery: items, before_after: pair, details: result.to_json(), settings["seed"]: config.seed,
-                    download: gr.DownloadButton(value=best, interactive=True), results: state}
+            for kind, *rest in streamed_edit(source, mask, data[prompt], config, request, progress,
+                                             bool(data[live_preview])):
+                if kind == "preview":
+                    done, total, images = rest
+                    yield {gallery: [(im, f"preview · step {done}/{total}") for im in images]}
+                    continue
+                result = rest[0]
+                items, pair, best, state = outputs_of(result, source)
+                yield {gallery: items, before_after: pair, details: result.to_json(), settings["seed"]: config.seed,
+                       download: gr.DownloadButton(value=best, interactive=True), results: state,
+                       keep_editing: gr.Button(interactive=True)}
 
         editing = generate.click(
-            on_generate, inputs={image_editor, prompt, *settings.values()},
-            outputs=[gallery, before_after, details, settings["seed"], download, results],
+            on_generate, inputs={image_editor, prompt, live_preview, *settings.values()},
+            outputs=[gallery, before_after, details, settings["seed"], download, results, keep_editing],
             concurrency_limit=limits.concurrency, concurrency_id=EDIT_CONCURRENCY, api_visibility="private")
 
         def on_select(state: Optional[dict], evt: gr.SelectData) -> Any:
             if not state or evt.index is None or not 0 <= evt.index < len(state["paths"]):
-                return gr.skip(), gr.skip()
+                return gr.skip(), gr.skip(), gr.skip()
             path = state["paths"][evt.index]
-            return (state["source"], path), gr.DownloadButton(value=path, interactive=True)
+            return (state["source"], path), gr.DownloadButton(value=path, interactive=True), \
+                {**state, "selected": evt.index}
 
-        gallery.select(on_select, inputs=results, outputs=[before_after, download], queue=False,
+        gallery.select(on_select, inputs=results, outputs=[before_after, download, results], queue=False,
                        api_visibility="private")
+
+        def on_continue(state: Optional[dict], versions: list, text: str) -> Any:
+            """The selected candidate (the best when none was selected) becomes the image to edit; mask cleared."""
+            if not state:
+                raise gr.Error("Generate first, then continue from one of the candidates.", title="Nothing to continue")
+            path = state["paths"][state.get("selected", 0)]
+            versions = continue_history(versions, state["source"], path, text or "")
+            size = checked_image(path, limits).size
+            return brush_for(size, value=editor_value(path)), versions, [(v["path"], v["label"]) for v in versions]
+
+        keep_editing.click(on_continue, inputs=[results, history, prompt],
+                           outputs=[image_editor, history, history_gallery], queue=False, api_visibility="private")
+
+        def on_history(versions: list, evt: gr.SelectData) -> Any:
+            if evt.index is None or not 0 <= evt.index < len(versions or []):
+                return gr.skip()
+            path = versions[evt.index]["path"]
+            return brush_for(checked_image(path, limits).size, value=editor_value(path))
+
+        history_gallery.select(on_history, inputs=history, outputs=image_editor, queue=False,
+                               api_visibility="private")
+
+        def on_upload(value: Optional[dict]) -> Any:
+            background = (value or {}).get("background")
+            return gr.skip() if background is None else brush_for(background.size)
+
+        image_editor.upload(on_upload, inputs=image_editor, outputs=image_editor, queue=False,
+                            api_visibility="private")
+
+        def on_extend(value: Optional[dict], sides: list, percent: float) -> Any:
+            background = (value or {}).get("background")
+            if background is None:
+                raise gr.Error("Upload an image first.", title="Cannot extend")
+            try:
+                image, layer = extend_canvas(background, value.get("layers") or [],
+                                             extension(background.size, percent, sides), limits.max_pixels)
+            except InputError as e:
+                raise gr.Error(str(e), title="Cannot extend") from None
+            return brush_for(image.size, value=editor_value(image)), editor_value(image, [layer])
+
+        extend.click(on_extend, inputs=[image_editor, extend_sides, extend_percent], outputs=[image_editor, redraw],
+                     api_visibility="private").then(again, redraw, image_editor, api_visibility="private")
 
         def on_stop(request: gr.Request) -> None:
             """Stop the edits this session is running (they end within one denoising step)."""
-            switch.stop(getattr(request, "session_hash", None) or "anonymous")
+            switch.stop(session_of(request))
 
         stop.click(on_stop, inputs=None, outputs=None, api_name="stop", concurrency_limit=None)
         stop.click(None, cancels=[editing])  # edits still waiting in the queue never start
@@ -209,15 +377,16 @@ def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optiona
         def on_clear(value: Optional[dict]) -> Any:
             if not value or value.get("background") is None:
                 return gr.skip()
-            return {"background": value["background"], "layers": [], "composite": value["background"]}
+            return editor_value(value["background"])
 
         clear_mask.click(on_clear, inputs=image_editor, outputs=image_editor, queue=False, api_visibility="private")
         settings["preserve_background"].input(
-            lambda on, method: "decoder" if on else ("none" if method == "decoder" else method),
+            lambda on, method: "decoder" if on else (EditConfig().background if method == "decoder" else method),
             inputs=[settings["preserve_background"], settings["background"]], outputs=settings["background"],
             queue=False, api_visibility="private")
         settings["background"].input(lambda method: method == "decoder", inputs=settings["background"],
                                      outputs=settings["preserve_background"], queue=False, api_visibility="private")
+        demo.load(None, js=KEYS_JS)
 
         # -- the API endpoint: files in, gallery + JSON out ---------------------------------------------
         with gr.Column(visible=False):
@@ -239,7 +408,13 @@ def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optiona
                 config = settings_to_config(defaults, options, limits)
             except InputError as e:
                 raise gr.Error(str(e), title="Cannot edit") from None
-            result = guarded_edit(source, mask_file, text, config, request, progress)
+            session = session_of(request)
+            stop = switch.start(session)
+            try:
+                result = guarded_edit(source, mask_file, text, config, stop,
+                                      lambda *a: show_progress(progress, *a))
+            finally:
+                switch.finish(session, stop)
             items, _, _, _ = outputs_of(result, source)
             return items, result.to_json()
 
