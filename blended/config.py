@@ -8,6 +8,10 @@ from typing import Any
 
 from .images import MAX_RESOLUTION
 
+START_FROM = ("source", "noise")
+BACKGROUND_NOISE = ("fixed", "fresh")
+BACKGROUND_TIMESTEPS = ("next", "own")
+LATENT_MASK_MODES = ("any", "nearest", "core")
 BACKGROUND_METHODS = ("none", "stitch", "poisson", "latent", "decoder")
 SCHEDULERS = ("ddim", "dpm++", "euler")
 
@@ -24,6 +28,12 @@ class EditConfig:
     blend_start: float = 0.25  # fraction of the schedule skipped: start from z_init noised there (paper §3)
     shrink: bool = True  # progressive mask shrinking (paper §4.1)
     shrink_kernels: tuple[int, ...] = (7, 5, 3, 1)  # latent dilation kernels over equal parts of the steps; 1 = true mask
+    start_from: str = "source"  # the loop's first latents: "source" = z_init noised to the first timestep used; "noise" = pure noise (the paper's code)
+    background_noise: str = "fixed"  # the noise of the noised source outside the mask: "fixed" = one draw per candidate for all steps; "fresh" = a new draw at every step (the paper's code)
+    background_timestep: str = "next"  # after the step t_i -> t_i+1 the background is noised to "next" = t_i+1, the latents' level (clean after the last step), or "own" = t_i (the paper's code)
+    latent_mask_mode: str = "any"  # pixel mask -> latent mask: "any" = a latent is edited if any pixel under it is; "nearest" = the pixel at its centre (the paper's code); "core" = only if all are (a mask without a core falls back to "any")
+    mask_blur: float = 0.0  # Gaussian blur (standard deviation, in pixels of the uploaded image) of the mask into a soft edit-strength map; 0 = a hard mask
+    soft_mask: bool = False  # a mask's grey levels / alpha are edit strengths in [0, 1] (weak pixels change only in the last steps, Differential Diffusion); False = thresholded at `mask_threshold`
     core_steps: float = 0.0  # fraction of the steps, from the first, that blend with the mask's core (latents wholly inside it): content forms inside the mask; 0 = the paper's schedule
     scheduler: str = "ddim"  # one of SCHEDULERS; any diffusers scheduler with `add_noise` fits the loop
     batch_size: int = 4  # candidates denoised together (bounds memory; results do not depend on it)
@@ -65,6 +75,12 @@ class EditConfig:
             (len(self.shrink_kernels) >= 1 and all(k >= 1 and k % 2 == 1 for k in self.shrink_kernels),
              "shrink_kernels must be odd integers >= 1"),
             (0.0 <= self.core_steps < 1.0, "core_steps must be in [0, 1)"),
+            (self.start_from in START_FROM, f"start_from must be one of {', '.join(START_FROM)}"),
+            (self.background_noise in BACKGROUND_NOISE, f"background_noise must be one of {', '.join(BACKGROUND_NOISE)}"),
+            (self.background_timestep in BACKGROUND_TIMESTEPS,
+             f"background_timestep must be one of {', '.join(BACKGROUND_TIMESTEPS)}"),
+            (self.latent_mask_mode in LATENT_MASK_MODES, f"latent_mask_mode must be one of {', '.join(LATENT_MASK_MODES)}"),
+            (0.0 <= self.mask_blur <= 256.0, "mask_blur must be between 0 and 256 pixels"),
             (self.scheduler in SCHEDULERS, f"scheduler must be one of {', '.join(SCHEDULERS)}"),
             (1 <= self.batch_size <= 64, "batch_size must be between 1 and 64"),
             (0.0 <= self.mask_threshold < 1.0, "mask_threshold must be in [0, 1)"),

@@ -14,9 +14,9 @@ from PIL import Image
 
 from .config import EditConfig
 from .errors import InputError, ModelLoadError, OutOfMemory
-from .images import (DEFAULT_MAX_PIXELS, ImageLike, Region, composite, crop_to_work, load_image, load_mask, paste_back,
-                     plan_region, seam_weights)
-from .masks import core_mask, latent_mask, shrink_schedule
+from .images import (DEFAULT_MAX_PIXELS, ImageLike, Region, composite, crop_to_work, load_image, load_mask,
+                     load_mask_values, paste_back, plan_region, seam_weights)
+from .masks import crop_strength, latent_strength, mask_schedule, strength_map
 from .models import DEFAULT_MODEL, LoadedModel, load_model
 from .sampler import blend_loop
 
@@ -292,11 +292,21 @@ class Editor:
         # 1. inputs: full-resolution source and mask, the region to edit at work size
         report("encoding", 0, 1)
         source = load_image(image, max_pixels=self.max_pixels)
-        full_mask = load_mask(mask, source.size, threshold=cfg.mask_threshold, invert=cfg.invert_mask,
-                              max_pixels=self.max_pixels)
+        strength = None  # soft masks: (H, W) edit strengths in [0, 1] at full resolution
+        if cfg.soft_mask:
+            values = load_mask_values(mask, source.size, max_pixels=self.max_pixels)
+            strength = strength_map(1 - values if cfg.invert_mask else values, cfg.mask_blur)
+            if not strength.any():
+                raise InputError("the mask is empty: paint the region to edit (white or opaque = edit)")
+        full_mask = strength > 0 if strength is not None else load_mask(
+            mask, source.size, threshold=cfg.mask_threshold, invert=cfg.invert_mask, max_pixels=self.max_pixels)
+        if strength is None and cfg.mask_blur > 0:
+            strength = strength_map(full_mask, cfg.mask_blur)
+            full_mask = strength > 0  # the blurred mask's support: everything the edit may touch
         region = plan_region(source.size, full_mask, native=m.native_size, multiple=m.size_multiple,
                              margin=max(cfg.crop_margin, cfg.feather + 1), resolution=cfg.resolution)
         work_image, work_mask = crop_to_work(source, full_mask, region)
+        work_strength = work_mask if strength is None else crop_strength(strength, region.box, region.work_size)
         notes = self._prompt_notes(prompt)
         lap("prepare")
 
@@ -307,11 +317,14 @@ class Editor:
         cond = self._encode_prompt(prompt, cfg.negative_prompt, guided, region.work_size)
         lap("encode")
 
-        # 3. latent masks: the true mask and its shrinking schedule
+        # 3. latent masks: edit strength per latent, then one mask per step (soft thresholds, shrinking, core)
         timesteps = schedule(pipe, cfg.scheduler, cfg.num_inference_steps, cfg.blend_start)[2]
-        z_mask = latent_mask(work_mask, m.vae_scale_factor).to(m.device, m.dtype)  # (1, 1, h, w)
-        z_core = core_mask(work_mask, m.vae_scale_factor).to(m.device, m.dtype)  # latents wholly inside
-        masks = shrink_schedule(z_mask, len(timesteps), cfg.shrink_kernels, cfg.shrink, z_core, cfg.core_steps)
+        z_mask = latent_strength(work_strength, m.vae_scale_factor, cfg.latent_mask_mode)  # (1, 1, h, w)
+        if not z_mask.any():  # "core" of a mask too thin to have one
+            z_mask = latent_strength(work_strength, m.vae_scale_factor, "any")
+        z_core = latent_strength(work_strength, m.vae_scale_factor, "core")  # latents wholly inside
+        masks = mask_schedule(z_mask.to(m.device, m.dtype), len(timesteps), cfg.shrink_kernels, cfg.shrink,
+                              z_core.to(m.device, m.dtype), cfg.core_steps)
         seeds = [cfg.seed + i for i in range(cfg.num_candidates)]
         chunks = [seeds[i:i + cfg.batch_size] for i in range(0, len(seeds), cfg.batch_size)]
         total_steps = len(timesteps) * len(chunks)
@@ -327,9 +340,13 @@ class Editor:
             every = max(1, int(preview_every))
         for c, chunk in enumerate(chunks):
             sched, noiser, _ = schedule(pipe, cfg.scheduler, cfg.num_inference_steps, cfg.blend_start, m.device)
-            noise = torch.cat([  # (B, C, h, w), drawn on the CPU so a seed gives the same noise on every device
-                torch.randn(z_init.shape[1:], generator=torch.Generator("cpu").manual_seed(s))[None]
-                for s in chunk]).to(m.device, m.dtype)
+            generators = [torch.Generator("cpu").manual_seed(s) for s in chunk]
+
+            def draw(generators=generators) -> torch.Tensor:  # (B, C, h, w), on the CPU: a seed gives the same noise on every device
+                return torch.cat([torch.randn(z_init.shape[1:], generator=g)[None] for g in generators]).to(m.device, m.dtype)
+
+            noise = draw()
+            fresh_noise = (lambda i, draw=draw: draw()) if cfg.background_noise == "fresh" else None
             b = len(chunk)
             batch_cond = {"encoder_hidden_states": cond["encoder_hidden_states"].repeat_interleave(b, 0)}
             if "added_cond_kwargs" in cond:
@@ -360,6 +377,8 @@ class Editor:
                     preview(c * len(timesteps) + i + 1, total_steps, previewer(x0[0]))
 
             latents = blend_loop(denoise, step, noiser.add_noise, z_init, noise, masks, timesteps,
+                                 start=cfg.start_from, fresh_noise=fresh_noise,
+                                 background_timestep=cfg.background_timestep,
                                  on_step=on_step, should_stop=should_stop)
             lap("denoise")
             report("decoding", c, len(chunks))

@@ -92,6 +92,21 @@ def load_image(src: ImageLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
     return rgb
 
 
+def load_mask_values(src: ImageLike, size: tuple[int, int], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read a mask's values as float32 (H, W) in [0, 1], 1 = edit: its alpha when it has transparency
+    (painted strokes), otherwise its brightness. `size` = the image's (width, height)."""
+    img = _open(src, "mask", max_pixels)
+    img = ImageOps.exif_transpose(img)
+    if img.size != tuple(size):
+        raise InputError(f"the mask is {img.size[0]}x{img.size[1]} but the image is {size[0]}x{size[1]}; "
+                         "they must be the same size")
+    img = _to_8bit(img)
+    alpha = _alpha(img)
+    if alpha is not None and alpha.min() < 1.0:
+        return alpha
+    return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+
+
 def load_mask(src: ImageLike, size: tuple[int, int], *, threshold: float = 0.5, invert: bool = False,
               max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read a mask as a boolean (H, W) array, True = edit.
@@ -102,18 +117,7 @@ def load_mask(src: ImageLike, size: tuple[int, int], *, threshold: float = 0.5, 
     Args:
         src: the mask, same size as the image (`size` = (width, height)).
     """
-    img = _open(src, "mask", max_pixels)
-    img = ImageOps.exif_transpose(img)
-    if img.size != tuple(size):
-        raise InputError(f"the mask is {img.size[0]}x{img.size[1]} but the image is {size[0]}x{size[1]}; "
-                         "they must be the same size")
-    img = _to_8bit(img)
-    alpha = _alpha(img)
-    if alpha is not None and alpha.min() < 1.0:
-        value = alpha
-    else:
-        value = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-    mask = value > threshold
+    mask = load_mask_values(src, size, max_pixels=max_pixels) > threshold
     if invert:
         mask = ~mask
     if not mask.any():

@@ -1,4 +1,5 @@
-"""Latent masks and the progressive shrinking schedule (paper §4.1)."""
+"""Latent masks and their per-step schedule: progressive shrinking (paper §4.1), the mask's core, and soft
+masks (per-pixel edit strength, Differential Diffusion, Levin & Fried 2023)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,45 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import LATENT_MASK_MODES  # how a pixel mask becomes a latent mask, see `latent_strength`
 
-def latent_mask(mask: np.ndarray, factor: int) -> torch.Tensor:
-    """(H, W) bool pixel mask -> (1, 1, H/f, W/f) float latent mask; a latent is edited if any pixel under it is."""
-    m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
-    return F.max_pool2d(m, kernel_size=factor, stride=factor)
+
+def strength_map(mask: np.ndarray, blur: float = 0.0) -> np.ndarray:
+    """(H, W) mask (bool, or float edit strengths in [0, 1]) -> float32 strengths in [0, 1], blurred by a
+    Gaussian of standard deviation `blur` pixels (A1111's "mask blur": kernel 2 * round(2.5 * blur) + 1)
+    and quantised to 1/255 like an 8-bit mask, so the blur's far tails are exactly 0."""
+    s = np.asarray(mask, dtype=np.float32)
+    if blur > 0:
+        import cv2
+
+        k = 2 * int(2.5 * blur + 0.5) + 1
+        s = cv2.GaussianBlur(s, (k, k), blur, borderType=cv2.BORDER_REPLICATE)
+    return np.round(np.clip(s, 0.0, 1.0) * 255.0) / np.float32(255.0)
+
+
+def latent_strength(strength: np.ndarray, factor: int, mode: str = "any") -> torch.Tensor:
+    """(H, W) pixel strengths -> (1, 1, H/f, W/f) latent strengths. "any": the strongest pixel under a
+    latent (a latent is edited if any pixel under it is); "core": the weakest (only latents wholly inside
+    a hard mask); "nearest": the pixel at the latent's centre (the paper's code, PIL NEAREST)."""
+    s = torch.from_numpy(np.ascontiguousarray(strength, dtype=np.float32))[None, None]
+    if mode == "any":
+        return F.max_pool2d(s, kernel_size=factor, stride=factor)
+    if mode == "core":
+        return -F.max_pool2d(-s, kernel_size=factor, stride=factor)
+    if mode == "nearest":
+        h, w = s.shape[-2] // factor, s.shape[-1] // factor
+        return s[..., factor // 2 :: factor, factor // 2 :: factor][..., :h, :w].contiguous()
+    raise ValueError(f"latent mask mode must be one of {', '.join(LATENT_MASK_MODES)}")
+
+
+def latent_mask(mask: np.ndarray, factor: int, mode: str = "any") -> torch.Tensor:
+    """(H, W) bool pixel mask -> (1, 1, H/f, W/f) float latent mask (`latent_strength` of a hard mask)."""
+    return latent_strength(np.asarray(mask, dtype=np.float32), factor, mode)
 
 
 def core_mask(mask: np.ndarray, factor: int) -> torch.Tensor:
-    """(H, W) bool pixel mask -> (1, 1, H/f, W/f) latent mask of the latents whose pixels are all in the mask."""
-    return 1 - latent_mask(~np.asarray(mask, dtype=bool), factor)  # no pixel under it outside the mask
+    """(H, W) pixel mask -> (1, 1, H/f, W/f) latent mask of the latents whose pixels are all in the mask."""
+    return latent_strength(np.asarray(mask, dtype=np.float32), factor, "core")
 
 
 def dilate(mask: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -25,25 +55,47 @@ def dilate(mask: torch.Tensor, kernel: int) -> torch.Tensor:
     return F.max_pool2d(mask, kernel_size=kernel, stride=1, padding=kernel // 2)
 
 
-def shrink_schedule(mask: torch.Tensor, num_steps: int, kernels: tuple[int, ...] = (7, 5, 3, 1),
-                    shrink: bool = True, core: torch.Tensor | None = None,
-                    core_steps: float = 0.0) -> list[torch.Tensor]:
-    """One latent mask per denoising step: `kernels[k]` dilation over the k-th of len(kernels) equal
-    parts of the steps, so early steps blend with a wide mask and the last ones with the true mask
-    (paper §4.1: 7, 5, 3 then the true mask). Without `shrink`, the true mask at every step.
+def step_threshold(strength: torch.Tensor, i: int, num_steps: int) -> torch.Tensor:
+    """The latents free at step i of `num_steps`: strength > 1 - (i + 1) / N, so a latent of strength s is
+    edited in the last s * N steps (Differential Diffusion); a {0, 1} map is returned as it is."""
+    return (strength > 1.0 - (i + 1) / num_steps).to(strength.dtype)
 
-    With `core` (the latents wholly inside the pixel mask, `core_mask`) and `core_steps` > 0, the first
-    `core_steps` of the steps blend with the core instead, so the new content takes its place inside
-    the user's mask and does not spill into the latents the mask only partly covers; the later steps
-    follow the schedule above. An empty core (a thin mask) leaves the schedule as it is; the last step
-    always blends with the true mask.
+
+def mask_schedule(strength: torch.Tensor, num_steps: int, kernels: tuple[int, ...] = (7, 5, 3, 1),
+                  shrink: bool = True, core: torch.Tensor | None = None,
+                  core_steps: float = 0.0) -> list[torch.Tensor]:
+    """One latent mask per denoising step: the only place the loop's masks are made.
+
+    1. Soft masks: a latent of strength s is free only in the last s * N steps (`step_threshold`), so
+       weak latents keep the source's structure; a hard {0, 1} mask is free at every step.
+    2. Progressive shrinking (paper §4.1): `kernels[k]` dilation over the k-th of len(kernels) equal parts
+       of the steps, so early steps blend with a wide mask and the last ones with the true mask (paper:
+       7, 5, 3 then the true mask). Without `shrink`, the thresholded mask as it is.
+    3. `core` (the latents wholly inside the mask, `latent_strength(..., "core")`) and `core_steps` > 0:
+       the first `core_steps` of the steps blend with the (thresholded) core instead, so new content
+       takes its place inside the user's mask and does not spill into the latents the mask only partly
+       covers. An empty core (a thin mask) leaves the schedule as it is.
+
+    The last step always blends with the true mask, `strength > 0`.
     """
-    if not shrink:
-        masks = [mask] * num_steps
-    else:
-        dilated = [dilate(mask, k) for k in kernels]
-        masks = [dilated[min(i * len(kernels) // num_steps, len(kernels) - 1)] for i in range(num_steps)]
+    masks = []
+    for i in range(num_steps):
+        m = step_threshold(strength, i, num_steps)
+        if shrink:
+            m = dilate(m, kernels[min(i * len(kernels) // num_steps, len(kernels) - 1)])
+        masks.append(m)
     if core is not None and core_steps > 0 and bool(core.any()):
         k = min(int(num_steps * core_steps), num_steps - 1)
-        masks = [core] * k + masks[k:]
+        masks[:k] = [step_threshold(core, i, num_steps) for i in range(k)]
     return masks
+
+
+def crop_strength(strength: np.ndarray, box: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarray:
+    """Full-resolution (H, W) strengths -> the region `box` (left, top, right, bottom) at `size` (w, h),
+    area-averaged like the image."""
+    from PIL import Image
+
+    crop = Image.fromarray(np.ascontiguousarray(strength[box[1] : box[3], box[0] : box[2]], dtype=np.float32), "F")
+    if crop.size != tuple(size):
+        crop = crop.resize(tuple(size), Image.Resampling.BOX)
+    return np.clip(np.asarray(crop, dtype=np.float32), 0.0, 1.0)

@@ -7,7 +7,7 @@ from PIL import Image
 
 from blended import EditCancelled, Editor, InputError, ModelLoadError, load_model
 from blended.editor import make_scheduler, schedule
-from blended.masks import core_mask, latent_mask, shrink_schedule
+from blended.masks import core_mask, latent_mask, mask_schedule
 from blended.sampler import blend_loop
 from conftest import box_mask, scene
 
@@ -31,7 +31,7 @@ def test_outside_mask_latents_equal_noised_source_at_every_step(sd1_editor, sche
     denoise, step, noiser, source, noise, timesteps = _loop_parts(sd1_editor, scheduler_name, 12, 0.25)
     m = torch.zeros(1, 1, 8, 8)
     m[..., 2:5, 3:7] = 1
-    masks = shrink_schedule(m, len(timesteps), (5, 3, 1))
+    masks = mask_schedule(m, len(timesteps), (5, 3, 1))
     seen = []
     out = blend_loop(denoise, step, noiser.add_noise, source, noise, masks, timesteps,
                      on_step=lambda i, t, z: seen.append(z.clone()))
@@ -52,16 +52,16 @@ def test_empty_mask_returns_source_latents_exactly(sd1_editor):
     assert torch.equal(out, source.expand_as(out))
 
 
-def test_shrink_schedule_dilates_early_and_ends_on_true_mask():
+def test_mask_schedule_dilates_early_and_ends_on_true_mask():
     mask = np.zeros((32, 32), bool)
     mask[15:17, 4:28] = True  # a 2-pixel line: one latent row at x4 downsampling
     m = latent_mask(mask, 4)
     assert m.shape == (1, 1, 8, 8) and m.sum() == 6 * 2  # rows 3 and 4, columns 1..6 (any-coverage)
-    sched = shrink_schedule(m, 8, (7, 5, 3, 1))
+    sched = mask_schedule(m, 8, (7, 5, 3, 1))
     sums = [float(s.sum()) for s in sched]
     assert sums[0] == sums[1] > sums[2] == sums[3] > sums[4] == sums[5] > sums[6] == sums[7] == float(m.sum())
     assert all(torch.all(a >= b) for a, b in zip(sched, sched[1:])), "masks only shrink"
-    assert all(torch.equal(s, m) for s in shrink_schedule(m, 8, shrink=False))
+    assert all(torch.equal(s, m) for s in mask_schedule(m, 8, shrink=False))
 
 
 def test_core_steps_start_inside_the_mask_and_end_on_the_true_mask():
@@ -70,17 +70,17 @@ def test_core_steps_start_inside_the_mask_and_end_on_the_true_mask():
     m, core = latent_mask(mask, 4), core_mask(mask, 4)
     assert m.sum() == 5 * 4 and core.sum() == 3 * 2  # rows 1..5 x cols 1..4; wholly inside: rows 2..4 x cols 2..3
     assert torch.all(m >= core)
-    sched = shrink_schedule(m, 8, (7, 5, 3, 1), core=core, core_steps=0.5)
+    sched = mask_schedule(m, 8, (7, 5, 3, 1), core=core, core_steps=0.5)
     assert all(torch.equal(s, core) for s in sched[:4])
-    assert [torch.equal(a, b) for a, b in zip(sched[4:], shrink_schedule(m, 8, (7, 5, 3, 1))[4:])] == [True] * 4
+    assert [torch.equal(a, b) for a, b in zip(sched[4:], mask_schedule(m, 8, (7, 5, 3, 1))[4:])] == [True] * 4
     assert torch.equal(sched[-1], m)
-    assert torch.equal(shrink_schedule(m, 4, core=core, core_steps=0.99)[-1], m)  # the last step: the true mask
+    assert torch.equal(mask_schedule(m, 4, core=core, core_steps=0.99)[-1], m)  # the last step: the true mask
     thin = np.zeros((32, 32), bool)
     thin[5:8, 4:28] = True  # 3 px: no latent wholly inside
     tm = latent_mask(thin, 4)
     assert core_mask(thin, 4).sum() == 0
-    assert [torch.equal(a, b) for a, b in zip(shrink_schedule(tm, 8, core=core_mask(thin, 4), core_steps=0.5),
-                                              shrink_schedule(tm, 8))] == [True] * 8  # thin: the paper's schedule
+    assert [torch.equal(a, b) for a, b in zip(mask_schedule(tm, 8, core=core_mask(thin, 4), core_steps=0.5),
+                                              mask_schedule(tm, 8))] == [True] * 8  # thin: the paper's schedule
 
 
 def test_full_mask_equals_diffusers_img2img(sd1_editor):

@@ -1,0 +1,227 @@
+"""The blend loop against the paper's official code, one difference at a time, and soft masks (issue 13).
+
+Sections (demo model, held-out seeds no other bench uses; background "none", so PSNR and seam measure the
+loop itself, not the final composite):
+
+  loop   the official SD2 script's loop (bench/official.py), the engine set up like it, the project's
+         default, and the default with one difference at a time: start, background noise, background
+         timestep, mask downsampling, progressive shrinking, core_steps
+  soft   soft masks: mask_blur 0 / 4 / 8 / 16 px and grey-level masks, with and without shrinking and
+         core_steps; a picture strip of one edit at blur 0, 8, 16
+
+    python bench/ablation.py --threads 1                 # ~1 h on one core, writes docs/bench/ablation.md
+    python bench/ablation.py --quick                     # smoke test
+    python bench/ablation.py --sections soft --n 80      # one section
+
+Metrics: top-1 hit (the ranker's first of 4 candidates shows the asked colour and shape inside the mask),
+random-candidate hit (share of all candidates that do: what a 1-candidate edit gets), median PSNR outside the
+mask, seam error (mean |gradient jump| on the ring just outside the mask, quality.py's), the same on a band
+of 8 px outside the mask, and thin masks (4-8 px strokes, colour only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common import ROOT, table, write_doc
+
+sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT / "bench"))
+import scenes  # noqa: E402
+from analyse import analyse_region  # noqa: E402
+from official import official_edit  # noqa: E402
+from quality import psnr_outside, seam_error, thin_case  # noqa: E402
+
+BASE = scenes.HELDOUT_SEED_START + 700_000  # apart from quality.py (+500k) and demo_eval.py (+0..50k)
+CACHE = ROOT / "docs" / "bench" / "ablation.json"
+
+
+def band_seam(out: np.ndarray, src: np.ndarray, mask: np.ndarray, width: int = 8) -> float:
+    """Mean |gradient jump| over the band of pixels within `width` px outside the mask (soft transitions
+    spread there)."""
+    import cv2
+
+    dist = cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, 3)
+    band = (dist > 0) & (dist <= width)
+    g = lambda a: (np.abs(np.diff(a.astype(np.float32), axis=0, append=a[-1:].astype(np.float32)))  # noqa: E731
+                   + np.abs(np.diff(a.astype(np.float32), axis=1, append=a[:, -1:].astype(np.float32))))
+    return float(np.abs(g(out) - g(src))[band].mean()) if band.any() else 0.0
+
+
+def grey_mask(mask: np.ndarray, ramp: int = 6) -> np.ndarray:
+    """A grey-level version of a hard mask: 1 deep inside, falling linearly to 0 over `ramp` px inside its edge."""
+    import cv2
+
+    dist = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 3)
+    return np.clip(dist / ramp, 0.0, 1.0).astype(np.float32)
+
+
+def evaluate(edit_fn, cases) -> dict:
+    """edit_fn(image, case) -> candidates best first; per case the asked colour (and shape) in the hard mask."""
+    rows = []
+    for case in cases:
+        image, mask, prompt, colour, shape = case
+        t = time.perf_counter()
+        ims = edit_fn(image, case)
+        dt = time.perf_counter() - t
+        hits = []
+        for im in ims:
+            c, s = analyse_region(np.asarray(im), mask)
+            hits.append(c == colour and (shape is None or s == shape))
+        top = np.asarray(ims[0])
+        rows.append(dict(top=hits[0], mean=float(np.mean(hits)), psnr=psnr_outside(top, image, mask),
+                         seam=seam_error(top, image, mask), band=band_seam(top, image, mask), seconds=dt))
+    return dict(top=float(np.mean([r["top"] for r in rows])), mean=float(np.mean([r["mean"] for r in rows])),
+                psnr=float(statistics.median([r["psnr"] for r in rows])),
+                seam=float(np.mean([r["seam"] for r in rows])), band=float(np.mean([r["band"] for r in rows])),
+                seconds=float(statistics.median([r["seconds"] for r in rows])), n=len(rows))
+
+
+def engine_fn(editor, mask_image=None, **settings):
+    def edit(image, case):
+        _, mask, prompt, _, _ = case
+        m = mask_image(mask) if mask_image else Image.fromarray(mask.astype(np.uint8) * 255)
+        return editor.edit(Image.fromarray(image), m, prompt, **settings).images
+    return edit
+
+
+def official_fn(editor):
+    d = editor.defaults
+    def edit(image, case):
+        _, mask, prompt, _, _ = case
+        return official_edit(editor, Image.fromarray(image), mask, prompt, num_candidates=d.num_candidates,
+                             num_inference_steps=d.num_inference_steps, guidance_scale=d.guidance_scale,
+                             blend_start=d.blend_start, seed=d.seed)
+    return edit
+
+
+SAVE = [True]  # --quick writes nothing
+
+
+def cached(cache: dict, key: str, make) -> dict:
+    if key not in cache:
+        cache[key] = make()
+        if SAVE[0]:  # merge with rows other processes wrote meanwhile (run sections in parallel with --rows)
+            on_disk = json.loads(CACHE.read_text()) if CACHE.exists() else {}
+            CACHE.write_text(json.dumps({**on_disk, **cache}, indent=1, sort_keys=True) + "\n")
+        print(key, cache[key], flush=True)
+    return cache[key]
+
+
+LOOP_ROWS = [  # (label, settings over the model's defaults (None = the official script's loop), thin masks too)
+    ("official script's loop (bench/official.py)", None, True),
+    ("project default", {}, True),
+    ("start: pure noise", dict(start_from="noise"), False),
+    ("background noise: fresh each step", dict(background_noise="fresh"), False),
+    ("background timestep: own", dict(background_timestep="own"), False),
+    ("fresh noise + own timestep", dict(background_noise="fresh", background_timestep="own"), True),
+    ("mask downsampling: nearest", dict(latent_mask_mode="nearest"), True),
+    ("mask downsampling: core", dict(latent_mask_mode="core"), True),
+    ("progressive shrinking off", dict(shrink=False), True),
+    ("core_steps 0", dict(core_steps=0.0), True),
+]  # the engine set up like the script (OFFICIAL_SETTINGS) computes the port's numbers: tests/test_loop.py
+
+SOFT_ROWS = [  # (label, settings, mask_image(mask) or None)
+    ("hard mask, blur 0 (default)", {}, None),
+    ("mask_blur 4", dict(mask_blur=4.0), None),
+    ("mask_blur 8", dict(mask_blur=8.0), None),
+    ("mask_blur 16", dict(mask_blur=16.0), None),
+    ("mask_blur 8, shrinking off", dict(mask_blur=8.0, shrink=False), None),
+    ("mask_blur 8, core_steps 0", dict(mask_blur=8.0, core_steps=0.0), None),
+    ("grey-level mask (6 px ramp inside), soft_mask", dict(soft_mask=True),
+     lambda m: Image.fromarray((grey_mask(m) * 255).round().astype(np.uint8))),
+    ("grey-level mask, thresholded (soft_mask off)", {},
+     lambda m: Image.fromarray((grey_mask(m) * 255).round().astype(np.uint8))),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--n", type=int, default=160, help="held-out edits per row of the loop section (and half as many thin masks)")
+    ap.add_argument("--n-soft", type=int, default=80, help="held-out edits per row of the soft section")
+    ap.add_argument("--sections", default="loop,soft")
+    ap.add_argument("--rows", default=None, help="only rows whose label contains one of these comma-separated words")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fresh", action="store_true", help="ignore the cached rows in docs/bench/ablation.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from blended import Editor
+
+    editor = Editor.load("demo")
+    d = editor.defaults
+    n = 3 if args.quick else args.n
+    cases = [scenes.make_edit_case(BASE + i) for i in range(n)]
+    thin = [(im, m, p, c, None) for im, m, p, c in (thin_case(BASE + 10_000 + i) for i in range(max(1, n // 2)))]
+    SAVE[0] = not args.quick
+    cache = {} if (args.quick or args.fresh or not CACHE.exists()) else json.loads(CACHE.read_text())
+    pin = dict(background="none")
+    want = lambda label: args.rows is None or any(w in label for w in args.rows.split(","))  # noqa: E731
+    out = []
+    head = (f"Demo model (`assets/demo`) with its defaults ({d.num_candidates} candidates, {d.num_inference_steps} "
+            f"{d.scheduler} steps, guidance {d.guidance_scale}, blend_start {d.blend_start}, core_steps {d.core_steps}), "
+            f"background `none` (the raw decode: the loop's own PSNR and seam); {n} held-out edits and {len(thin)} thin "
+            f"masks per row; CPU, {torch.get_num_threads()} thread(s).")
+
+    if "loop" in args.sections:
+        rows = []
+        for label, settings, with_thin in LOOP_ROWS:
+            if not want(label):
+                continue
+            fn = official_fn(editor) if settings is None else engine_fn(editor, **{**pin, **settings})
+            r = cached(cache, f"loop|{label}|{n}", lambda: evaluate(fn, cases))
+            t = cached(cache, f"loop-thin|{label}|{n}", lambda: evaluate(fn, thin)) if with_thin else {}
+            rows.append([label, r["top"], r["mean"], r["psnr"], r["seam"], r["band"], t.get("top", "-"),
+                         t.get("mean", "-"), r["seconds"]])
+        out.append("## The loop against the official script, one difference at a time\n\n" + table(
+            ["loop", "top-1 hit", "random-candidate hit", "median PSNR outside dB", "seam", "seam band 8 px",
+             "thin: top-1", "thin: random", "median s / edit"], rows))
+
+    if "soft" in args.sections:
+        rows = []
+        soft_cases = cases[: 3 if args.quick else args.n_soft] if args.n_soft <= n else \
+            [scenes.make_edit_case(BASE + i) for i in range(args.n_soft)]
+        for label, settings, mask_image in SOFT_ROWS:
+            if not want(label):
+                continue
+            fn = engine_fn(editor, mask_image, **{**pin, **settings})
+            r = cached(cache, f"soft|{label}|{len(soft_cases)}", lambda: evaluate(fn, soft_cases))
+            rows.append([label, r["top"], r["mean"], r["psnr"], r["seam"], r["band"], r["seconds"]])
+        out.append(f"## Soft masks ({len(soft_cases)} edits)\n\n" + table(
+            ["mask", "top-1 hit", "random-candidate hit", "median PSNR outside dB", "seam", "seam band 8 px",
+             "median s / edit"], rows))
+        if not args.quick:
+            strip(editor, cases, pin)
+            out.append("![the same edit at mask_blur 0, 8, 16](ablation_blur.png)")
+
+    text = (f"# The blend loop against the official code, and soft masks\n\nCommand: "
+            f"`{' '.join(['python bench/ablation.py', *sys.argv[1:]])}`\n\n{head}\n\n" + "\n\n".join(out) + "\n")
+    print(text)
+    if not args.quick and args.rows is None:
+        write_doc("ablation", text)
+
+
+def strip(editor, cases, pin, index: int = 0, scale: int = 3) -> None:
+    """One edit (source, then blur 0, 8, 16; top-1 each) side by side, written to docs/bench/ablation_blur.png."""
+    image, mask, prompt, _, _ = cases[index]
+    tiles = [Image.fromarray(image)]
+    for blur in (0.0, 8.0, 16.0):
+        tiles.append(editor.edit(Image.fromarray(image), Image.fromarray(mask.astype(np.uint8) * 255), prompt,
+                                 mask_blur=blur, **pin).images[0])
+    w, h = tiles[0].size
+    sheet = Image.new("RGB", (w * scale * len(tiles), h * scale), "white")
+    for i, t in enumerate(tiles):
+        sheet.paste(t.resize((w * scale, h * scale), Image.Resampling.NEAREST), (i * w * scale, 0))
+    sheet.save(ROOT / "docs" / "bench" / "ablation_blur.png")
+
+
+if __name__ == "__main__":
+    main()

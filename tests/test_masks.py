@@ -1,0 +1,106 @@
+"""Soft masks: strength maps, per-step thresholds (Differential Diffusion) and how they compose with
+shrinking and core_steps; a hard mask keeps today's schedule and results exactly."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from blended import InputError
+from blended.images import load_mask, load_mask_values
+from blended.masks import crop_strength, latent_strength, mask_schedule, step_threshold, strength_map
+from conftest import box_mask, scene
+
+
+def test_strength_map_of_a_hard_mask_without_blur_is_the_mask():
+    m = np.zeros((16, 16), bool)
+    m[4:9, 3:12] = True
+    s = strength_map(m)
+    assert s.dtype == np.float32 and np.array_equal(s, m.astype(np.float32))
+
+
+def test_blur_is_symmetric_about_the_edge_and_zero_far_away():
+    m = np.zeros((64, 64), bool)
+    m[:, 32:] = True
+    s = strength_map(m, 4.0)
+    row = s[10]
+    assert abs(row[31] + row[32] - 1) < 0.02  # 0.5 at the edge, mirrored
+    assert np.all(np.diff(row) >= 0) and row[0] == 0 and row[-1] == 1  # monotone; tails cut at 1/255
+    assert row[32 - 12] == 0 and row[32 + 11] == 1  # kernel of 2 * 10 + 1: 2.5 sigma
+    assert np.allclose(s * 255, np.round(s * 255), atol=1e-4)  # 8-bit levels
+
+
+def test_latent_strength_modes():
+    s = np.zeros((8, 8), np.float32)
+    s[0:4, 0:4] = 1.0
+    s[0, 4] = 0.5  # one pixel of the next latent
+    assert latent_strength(s, 4)[0, 0].tolist() == [[1, 0.5], [0, 0]]  # any: the strongest pixel
+    assert latent_strength(s, 4, "core")[0, 0].tolist() == [[1, 0], [0, 0]]  # core: the weakest
+    assert latent_strength(s, 4, "nearest")[0, 0].tolist() == [[1, 0], [0, 0]]  # the pixel at the centre
+    with pytest.raises(ValueError):
+        latent_strength(s, 4, "mean")
+
+
+def test_a_latent_of_strength_s_is_free_in_the_last_s_n_steps():
+    n = 20
+    strength = torch.tensor([0.0, 0.05, 0.25, 0.5, 0.999, 1.0]).view(1, 1, 1, 6)
+    free = torch.stack([step_threshold(strength, i, n) for i in range(n)])[:, 0, 0, 0]  # (steps, 6)
+    assert free.sum(0).tolist() == [0, 1, 5, 10, 20, 20]
+    assert all(torch.all(a <= b) for a, b in zip(free, free[1:])), "once free, free to the end"
+    assert torch.equal(step_threshold(torch.tensor([0.0, 1.0]), 0, n), torch.tensor([0.0, 1.0]))
+
+
+def test_schedule_of_a_hard_map_is_the_hard_schedule_and_soft_ends_on_the_support():
+    pixels = np.zeros((32, 32), bool)
+    pixels[6:23, 5:19] = True
+    hard = latent_strength(pixels.astype(np.float32), 4)
+    soft = latent_strength(strength_map(pixels, 4.0), 4)
+    assert torch.all(soft <= 1) and bool(((soft > 0) & (soft < 1)).any())
+    sched = mask_schedule(soft, 12, (7, 5, 3, 1), shrink=False)
+    assert torch.equal(sched[-1], (soft > 0).float())  # the last step: every latent with any strength
+    assert torch.equal(sched[0], (soft > 1 - 1 / 12).float())  # the first: only the (nearly) full-strength ones
+    assert all(torch.all(a <= b) for a, b in zip(sched, sched[1:])), "without shrinking the soft mask only grows"
+    shrunk = mask_schedule(soft, 12, (7, 5, 3, 1))
+    assert all(torch.all(a >= b) for a, b in zip(shrunk, sched)), "shrinking dilates each step's mask"
+    assert torch.equal(shrunk[-1], sched[-1])
+    core = latent_strength(strength_map(pixels, 4.0), 4, "core")
+    with_core = mask_schedule(soft, 12, (7, 5, 3, 1), core=core, core_steps=0.5)
+    assert all(torch.equal(a, step_threshold(core, i, 12)) for i, a in enumerate(with_core[:6]))
+    assert all(torch.equal(a, b) for a, b in zip(with_core[6:], shrunk[6:]))
+
+
+def test_load_mask_values_keeps_grey_levels_and_load_mask_thresholds_them():
+    grey = np.full((8, 8), 100, np.uint8)
+    grey[0, 0] = 255
+    v = load_mask_values(Image.fromarray(grey), (8, 8))
+    assert v.dtype == np.float32 and v[0, 0] == 1 and abs(v[1, 1] - 100 / 255) < 1e-6
+    assert load_mask(Image.fromarray(grey), (8, 8)).sum() == 1
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 3] = 64
+    assert abs(load_mask_values(Image.fromarray(rgba, "RGBA"), (8, 8))[0, 0] - 64 / 255) < 1e-6  # alpha
+
+
+def test_crop_strength_area_averages():
+    s = np.zeros((8, 8), np.float32)
+    s[:, 4:] = 1.0
+    assert crop_strength(s, (2, 0, 6, 8), (2, 4)).tolist() == [[0, 1]] * 4
+    assert np.allclose(crop_strength(s, (0, 0, 8, 8), (1, 1)), 0.5)
+
+
+def test_hard_mask_blur_0_gives_todays_results_and_soft_settings_change_them(sd1_editor):
+    image, mask = scene(32, 32), box_mask(32, 32, (5, 6, 21, 23))
+    kw = dict(num_candidates=2, num_inference_steps=6, rank=False, background="none", core_steps=0.5)
+    base = sd1_editor.edit(image, mask, "a cat", **kw).images
+    same = [sd1_editor.edit(image, mask, "a cat", mask_blur=0.0, **kw).images,
+            sd1_editor.edit(image, mask, "a cat", soft_mask=True, **kw).images]  # a binary mask read as strengths
+    for run in same:
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(base, run))
+    blurred = sd1_editor.edit(image, mask, "a cat", mask_blur=3.0, **kw).images
+    assert not np.array_equal(np.asarray(blurred[0]), np.asarray(base[0]))
+    grey = Image.fromarray((np.asarray(mask) // 2).astype(np.uint8))  # all strength 0.5: thresholded it is empty
+    with pytest.raises(InputError):
+        sd1_editor.edit(image, grey, "a cat", **kw)
+    half = sd1_editor.edit(image, grey, "a cat", soft_mask=True, **kw).images
+    assert not np.array_equal(np.asarray(half[0]), np.asarray(base[0]))
+    with pytest.raises(InputError):
+        sd1_editor.edit(image, Image.new("L", (32, 32), 0), "a cat", soft_mask=True, **kw)
