@@ -58,3 +58,23 @@ def test_load_quick():
     for row in rows:
         seconds, rate, rss = numbers(row.split("edits |")[1])
         assert seconds > 0 and rate > 0 and 100 < rss < 8000
+
+
+def test_fidelity_quick():
+    out = run("fidelity.py", "--threads", "1")
+    rows = {line.split("|")[2].strip(): line for line in out.split("## B.")[0].splitlines() if line.startswith("| 1600")}
+    assert numbers(rows["`stitch`"].split("|")[3])[0] == 0 and rows["`stitch`"].split("|")[4].strip() == "exact"
+    assert numbers(rows["`none`"].split("|")[3].replace(",", ""))[0] > 1000  # the paper's raw output: a box changes
+    detail = [line for line in out.split("## B.")[1].splitlines() if line.startswith("| native") or
+              line.startswith("| 128")]
+    assert len(detail) == 2 and all(0 < numbers(line.split("|")[3])[0] <= 1.5 for line in detail)
+
+
+def test_decoder_memory_quick():
+    out = run("decoder_memory.py", "--threads", "1")
+    rows = [line for line in out.splitlines() if line.startswith("| tiny VAE")]
+    assert len(rows) == 3 and {line.split("|")[4].strip().split(" (")[0] for line in rows} == \
+        {"before", "after", "after, no checkpointing"}
+    for line in rows:
+        stats, step, peak, rise = numbers("|".join(line.split("|")[5:]))
+        assert stats > 0 and step > 0 and 0.1 < peak < 8 and rise >= 0
