@@ -32,7 +32,7 @@ class EditConfig:
     background_noise: str = "fixed"  # the noise of the noised source outside the mask: "fixed" = one draw per candidate for all steps; "fresh" = a new draw at every step (the paper's code)
     background_timestep: str = "next"  # after the step t_i -> t_i+1 the background is noised to "next" = t_i+1, the latents' level (clean after the last step), or "own" = t_i (the paper's code)
     latent_mask_mode: str = "any"  # pixel mask -> latent mask: "any" = a latent is edited if any pixel under it is; "nearest" = the pixel at its centre (the paper's code); "core" = only if all are (a mask without a core falls back to "any")
-    mask_blur: float = 0.0  # Gaussian blur (standard deviation, in pixels of the uploaded image) of the mask into a soft edit-strength map; 0 = a hard mask
+    mask_blur: float = 0.0  # Gaussian blur (standard deviation, in pixels of the uploaded image) of the mask into a soft edit-strength map, used by the loop and, instead of `feather`, by the final composite; 0 = a hard mask
     soft_mask: bool = False  # a mask's grey levels / alpha are edit strengths in [0, 1] (weak pixels change only in the last steps, Differential Diffusion); False = thresholded at `mask_threshold`
     core_steps: float = 0.0  # fraction of the steps, from the first, that blend with the mask's core (latents wholly inside it): content forms inside the mask; 0 = the paper's schedule
     scheduler: str = "ddim"  # one of SCHEDULERS; any diffusers scheduler with `add_noise` fits the loop

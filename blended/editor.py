@@ -405,7 +405,8 @@ class Editor:
         #    the upload itself, bit for bit, beyond (`none`: the paper's decode over the whole region)
         if exact:
             l, t, r, b = region.box
-            weights = seam_weights(full_mask[t:b, l:r], cfg.feather)  # (h, w), in the upload's own pixels
+            weights = seam_weights(full_mask[t:b, l:r], cfg.feather) if strength is None else \
+                strength[t:b, l:r]  # (h, w), in the upload's own pixels; a soft mask's strengths are its own seam
             images = [composite(source, im, region, weights) for im in _to_pil(decoded)]
         else:
             images = [paste_back(source, im, region, cfg.feather) for im in _to_pil(decoded)]

@@ -104,3 +104,16 @@ def test_hard_mask_blur_0_gives_todays_results_and_soft_settings_change_them(sd1
     assert not np.array_equal(np.asarray(half[0]), np.asarray(base[0]))
     with pytest.raises(InputError):
         sd1_editor.edit(image, Image.new("L", (32, 32), 0), "a cat", soft_mask=True, **kw)
+
+
+def test_soft_composite_keeps_the_source_where_strength_is_0(sd1_editor):
+    image, mask = scene(32, 32), box_mask(32, 32, (10, 9, 22, 21))
+    kw = dict(num_candidates=1, num_inference_steps=4, rank=False)  # the default background: exact outside
+    hard = sd1_editor.edit(image, mask, "a cat", **kw).images[0]
+    assert np.array_equal(np.asarray(hard), np.asarray(sd1_editor.edit(image, mask, "a cat", mask_blur=0.0, **kw).images[0]))
+    soft = sd1_editor.edit(image, mask, "a cat", mask_blur=2.0, **kw).images[0]
+    strength = strength_map(np.asarray(mask) > 127, 2.0)
+    src, out = np.asarray(image), np.asarray(soft)
+    assert np.array_equal(out[strength == 0], src[strength == 0])  # beyond the blur: the upload, bit for bit
+    ring = (strength > 0) & (strength < 0.5)
+    assert ring.any() and not np.array_equal(out[ring], src[ring])  # the blurred ring outside the mask changes
