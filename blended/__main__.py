@@ -30,6 +30,8 @@ FLAGS = {
     "batch_size": ("--batch-size", int, "candidates denoised at once (memory bound)"),
     "crop_margin": ("--crop-margin", int, "context pixels around the mask when a large image is cropped"),
     "mask_threshold": ("--mask-threshold", float, "mask values above this fraction are edited"),
+    "mask_blur": ("--mask-blur", float, "blur the mask by this many pixels of the image into a soft edit strength "
+                  "(0 = a hard mask)"),
 }
 
 
@@ -71,6 +73,9 @@ def _add_edit_options(p: argparse.ArgumentParser) -> None:
                    help="turn progressive mask shrinking off")
     p.add_argument("--invert-mask", dest="invert_mask", action="store_const", const=True, default=None,
                    help="edit where the mask is black")
+    p.add_argument("--soft-mask", dest="soft_mask", action="store_const", const=True, default=None,
+                   help="read the mask's grey levels (or alpha) as edit strengths: grey pixels change only in the "
+                   "last steps and are mixed with the image (instead of thresholding the mask)")
     p.add_argument("--no-rank", dest="rank", action="store_const", const=False, default=None,
                    help="skip CLIP ranking (candidates stay in seed order)")
     p.add_argument("--no-safety-checker", dest="safety_checker", action="store_const", const=False, default=None,
@@ -82,7 +87,7 @@ def _add_edit_options(p: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    names = list(FLAGS) + ["shrink", "invert_mask", "rank", "safety_checker"]
+    names = list(FLAGS) + ["shrink", "invert_mask", "soft_mask", "rank", "safety_checker"]
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
@@ -117,8 +122,8 @@ def run_edit(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise InputError(str(e)) from None
     source = load_image(args.image)
-    load_mask(args.mask, source.size, threshold=overrides.get("mask_threshold", EditConfig.mask_threshold),
-              invert=overrides.get("invert_mask", False))
+    load_mask(args.mask, source.size, invert=overrides.get("invert_mask", False),
+              threshold=0.0 if overrides.get("soft_mask") else overrides.get("mask_threshold", EditConfig.mask_threshold))
     if not args.prompt.strip():
         raise InputError("the prompt is empty: describe what should appear inside the mask")
     out = Path(args.out)

@@ -117,3 +117,12 @@ def test_soft_composite_keeps_the_source_where_strength_is_0(sd1_editor):
     assert np.array_equal(out[strength == 0], src[strength == 0])  # beyond the blur: the upload, bit for bit
     ring = (strength > 0) & (strength < 0.5)
     assert ring.any() and not np.array_equal(out[ring], src[ring])  # the blurred ring outside the mask changes
+
+
+def test_cli_flags_reach_the_settings():
+    from blended.__main__ import _overrides, build_parser
+
+    args = build_parser().parse_args(["edit", "--image", "a.png", "--mask", "m.png", "--prompt", "x",
+                                      "--mask-blur", "4", "--soft-mask"])
+    assert _overrides(args) == {"mask_blur": 4.0, "soft_mask": True}
+    assert "soft_mask" not in _overrides(build_parser().parse_args(["edit", "--image", "a", "--mask", "m", "--prompt", "x"]))
