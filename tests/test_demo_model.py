@@ -59,3 +59,20 @@ def test_prompt_colour_fills_the_mask_of_the_top_candidate_and_the_rest_is_kept(
     # the unedited scene's colour labels outside the mask stay (objects are not repainted)
     before, after = analyse.colour_labels(image), analyse.colour_labels(top)
     assert np.mean(before[~near] == after[~near]) > 0.97
+
+
+def test_demo_default_keeps_a_large_photo_exactly_beyond_the_band(demo_editor):
+    """Issue 12's case: the astronaut (512x512, 8x the demo's native size) with a 90x80 mask. The default
+    edit changes no pixel more than `feather` px from the mask (it used to replace a 154x144 box)."""
+    import cv2
+    from PIL import Image, ImageDraw
+
+    photo = Image.open(ROOT / "assets" / "photos" / "astronaut.png").convert("RGB")
+    mask = Image.new("L", photo.size, 0)
+    ImageDraw.Draw(mask).ellipse((150, 300, 240, 380), fill=255)
+    r = demo_editor.edit(photo, mask, "a red circle", num_candidates=2, seed=0)
+    assert r.config.background == "stitch" and not r.region.whole
+    dist = cv2.distanceTransform((np.asarray(mask) == 0).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    for im in r.images:
+        changed = np.any(np.asarray(im) != np.asarray(photo), axis=-1)
+        assert not changed[dist > r.config.feather].any() and changed[dist == 0].mean() > 0.5

@@ -148,3 +148,13 @@ def test_crop_keeps_room_for_the_band(sd1_editor, big):
     l, t, rr, b = r.region.box
     assert l <= ml - 12 and t <= mt - 12 and rr >= mr + 12 and b >= mb + 12
     assert not changed(r.images[0], image)[distance_outside(mask) > 12].any()
+
+
+def test_app_and_api_defaults_are_exact():
+    """The app's settings and the /edit endpoint start from the editor's defaults: an exact method."""
+    from ui.editing import settings_to_config
+    from ui.limits import Limits
+
+    cfg = settings_to_config(EditConfig(), {"preserve_background": False}, Limits())
+    assert cfg.background == "stitch" and cfg.exact_outside
+    assert settings_to_config(EditConfig(), {"preserve_background": True}, Limits()).background == "decoder"
