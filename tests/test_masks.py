@@ -126,3 +126,20 @@ def test_cli_flags_reach_the_settings():
                                       "--mask-blur", "4", "--soft-mask"])
     assert _overrides(args) == {"mask_blur": 4.0, "soft_mask": True}
     assert "soft_mask" not in _overrides(build_parser().parse_args(["edit", "--image", "a", "--mask", "m", "--prompt", "x"]))
+
+
+def test_app_slider_and_edit_endpoint_setting():
+    from blended import EditConfig
+    from ui import Limits
+    from ui.demo import settings_widgets
+    from ui.editing import settings_to_config
+
+    limits = Limits(max_candidates=4, max_steps=50)
+    assert settings_to_config(EditConfig(), {"mask_blur": 8}, limits).mask_blur == 8.0  # the /edit API's settings
+    with pytest.raises(InputError):
+        settings_to_config(EditConfig(), {"mask_blur": -1}, limits)
+    import gradio as gr
+
+    with gr.Blocks():
+        w = settings_widgets(EditConfig(), limits)
+    assert w["mask_blur"].elem_id == "mask-blur" and w["mask_blur"].value == 0

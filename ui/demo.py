@@ -95,6 +95,9 @@ def settings_widgets(defaults: EditConfig, limits: Limits) -> dict[str, gr.compo
     w["blend_start"] = gr.Slider(0.0, 0.95, step=0.05, value=defaults.blend_start,
                                  label="Blend start (fraction of the schedule skipped)")
     w["shrink"] = gr.Checkbox(value=defaults.shrink, label="Progressive mask shrinking")
+    w["mask_blur"] = gr.Slider(0, 32, step=1, value=defaults.mask_blur, label="Mask blur (px)",
+                               info="Softens the mask's edge over this many pixels of the photo: the edge of the "
+                                    "edit changes less and fades into the photo. 0 = a hard mask.")
     w["background"] = gr.Dropdown(list(BACKGROUND_METHODS), value=defaults.background,
                                   label="Background reconstruction")
     w["preserve_background"] = gr.Checkbox(
