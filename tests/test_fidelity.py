@@ -158,3 +158,16 @@ def test_app_and_api_defaults_are_exact():
     cfg = settings_to_config(EditConfig(), {"preserve_background": False}, Limits())
     assert cfg.background == "stitch" and cfg.exact_outside
     assert settings_to_config(EditConfig(), {"preserve_background": True}, Limits()).background == "decoder"
+
+
+def test_server_caps_the_resolution_setting():
+    from blended import InputError
+    from ui.editing import settings_to_config
+    from ui.limits import Limits
+
+    limits = Limits.from_env({"BLENDED_MAX_RESOLUTION": "768"})
+    assert settings_to_config(EditConfig(), {"resolution": 768}, limits).resolution == 768
+    with pytest.raises(InputError, match="at most 768"):
+        settings_to_config(EditConfig(), {"resolution": 1024}, limits)
+    with pytest.raises(InputError, match="resolution must be 0"):
+        settings_to_config(EditConfig(), {"resolution": 32}, limits)

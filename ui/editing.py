@@ -129,6 +129,9 @@ def settings_to_config(defaults: EditConfig, settings: Optional[dict], limits: L
                          f"{limits.max_candidates} per edit")
     if cfg.num_inference_steps > limits.max_steps:
         raise InputError(f"{cfg.num_inference_steps} steps asked; this server runs at most {limits.max_steps}")
+    if cfg.resolution > limits.max_resolution:
+        raise InputError(f"resolution {cfg.resolution} asked; this server works regions at most "
+                         f"{limits.max_resolution} px on their shorter side")
     for method, name, what in (("decoder", "decoder_steps", "decoder fine-tuning"),
                                ("latent", "latent_steps", "latent optimisation")):
         steps = getattr(cfg, name)
@@ -211,3 +214,87 @@ class StopSwitch:
         for event in events:
             event.set()
         return len(events)
+
+
+# -- the workspace: brush size, mask layers, extending the canvas, edit history --------------------
+
+BRUSH_FRACTION = 20  # the brush's radius on a new image: its shorter side / BRUSH_FRACTION ...
+BRUSH_RANGE = (2, 96)  # ... clamped to these radii, in image pixels
+MASK_RGBA = (255, 0, 255, 140)  # how a mask is drawn as an editor layer: translucent magenta, like the brush
+SIDES = ("left", "right", "top", "bottom")
+
+
+def brush_radius(size: tuple[int, int]) -> int:
+    """The default brush radius for an image of `size` (w, h): about 1/20 of its shorter side, clamped."""
+    lo, hi = BRUSH_RANGE
+    return int(min(hi, max(lo, round(min(size) / BRUSH_FRACTION))))
+
+
+def mask_layer(mask: np.ndarray) -> Image.Image:
+    """An (H, W) bool mask as an RGBA editor layer: translucent magenta where True, transparent elsewhere."""
+    layer = np.zeros(mask.shape + (4,), np.uint8)
+    layer[mask] = MASK_RGBA
+    return Image.fromarray(layer, "RGBA")
+
+
+def extension(size: tuple[int, int], percent: float, sides: Iterable[str]) -> dict[str, int]:
+    """Pixels to add on each side: `percent` of the image's width (left/right) or height (top/bottom)."""
+    sides = list(sides or [])
+    unknown = [s for s in sides if s not in SIDES]
+    if unknown or not sides:
+        raise InputError(f"choose the sides to extend among {', '.join(SIDES)}")
+    if not 0 < percent <= 200:
+        raise InputError(f"extend by more than 0% and at most 200% of the image, not {percent}%")
+    w, h = size
+    return {s: (max(1, round(w * percent / 100)) if s in ("left", "right") else max(1, round(h * percent / 100)))
+            if s in sides else 0 for s in SIDES}
+
+
+def extend_canvas(image: Image.Image, layers: Iterable[Image.Image], pad: dict[str, int],
+                  max_pixels: Optional[int] = None) -> tuple[Image.Image, Image.Image]:
+    """Grow `image` by `pad` pixels per side for outpainting: (new RGB image, mask layer).
+
+    The new area is filled with the image's edge colours, smeared outwards and blurred (a neutral start the
+    model paints over), and becomes the mask; what was painted before moves with the image and stays masked.
+    """
+    from PIL import ImageFilter
+
+    source = image.convert("RGB")
+    w, h = source.size
+    l, r, t, b = (pad.get(s, 0) for s in SIDES)
+    nw, nh = w + l + r, h + t + b
+    if max_pixels is not None and nw * nh > max_pixels:
+        raise InputError(f"the extended image would be {nw}x{nh} pixels; this server edits at most "
+                         f"{max_pixels} pixels: extend by less")
+    a = np.asarray(source)
+    filled = np.pad(a, ((t, b), (l, r), (0, 0)), mode="edge")
+    radius = max(2, max(l, r, t, b) // 3)
+    blurred = Image.fromarray(filled).filter(ImageFilter.GaussianBlur(radius))
+    out = np.array(blurred)
+    out[t:t + h, l:l + w] = a  # the picture itself stays exactly as it was
+    old = mask_from_layers(list(layers or []), (w, h)) if layers else Image.new("L", (w, h), 0)
+    mask = np.ones((nh, nw), bool)
+    mask[t:t + h, l:l + w] = np.asarray(old) > 0
+    return Image.fromarray(out), mask_layer(mask)
+
+
+def image_digest(path: str) -> str:
+    """A short fingerprint of an image's pixels (the same picture saved twice has the same digest)."""
+    import hashlib
+
+    with Image.open(path) as im:
+        rgb = im.convert("RGB")
+        return hashlib.sha1(repr(rgb.size).encode() + rgb.tobytes()).hexdigest()[:16]
+
+
+def continue_history(history: Optional[list], source_path: str, candidate_path: str, prompt: str) -> list:
+    """A session's edit history after continuing from a candidate: the edit's source is added first when it is
+    not a version already there (a new upload), then the candidate. Entries: path, label, digest."""
+    history = list(history or [])
+    digest = image_digest(source_path)
+    if all(v["digest"] != digest for v in history):
+        history.append({"path": source_path, "label": "original" if not history else f"{len(history) + 1}: upload",
+                        "digest": digest})
+    history.append({"path": candidate_path, "label": f"{len(history) + 1}: {prompt.strip() or 'edit'}",
+                    "digest": image_digest(candidate_path)})
+    return history

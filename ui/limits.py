@@ -15,6 +15,7 @@ class Limits:
     max_pixels: int = 16_000_000  # largest image, width x height (about 4900 x 3300)
     max_candidates: int = 8  # most images one edit may generate
     max_steps: int = 100  # most denoising steps (and decoder fine-tuning steps) of one edit
+    max_resolution: int = 1024  # largest `resolution` an edit may ask (shorter side, pixels, of the region worked at)
     concurrency: int = 1  # edits running at once (they share the model and the accelerator)
     max_queue: int = 20  # edits waiting beyond that; further requests are turned away
 
