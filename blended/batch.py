@@ -9,9 +9,9 @@ folder. Each job writes `DIR/<id>/01.png ...` and `result.json` (as `edit` does,
 everything that made its images); `DIR/summary.jsonl` lists every job. A job whose `result.json` holds the
 same hash is skipped on a rerun.
 
-Several processes split the pending jobs with accelerate's `PartialState.split_between_processes`
-(contiguous, the same split in every process), each on its own device; the main process gathers the rows
-and writes the one summary. A job's images do not depend on the process that made them.
+Several processes split the pending jobs, which the main process decides and broadcasts, with accelerate's
+`PartialState.split_between_processes` (contiguous, the same split in every process), each on its own
+device; the main process gathers the rows and writes the one summary. A job's images do not depend on the process that made them.
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ def _has_accelerator() -> bool:
 
 def plan(jobs: list[Job], base: EditConfig, model: str, out: Path, force: bool) -> tuple[list[tuple], dict[str, dict]]:
     """Check every job's settings and files and hash them: (pending (job, config, digest), rows of jobs that need
-    no run: errors and, without `force`, those already done). Deterministic, so every process gets the same."""
+    no run: errors and, without `force`, those already done)."""
     pending, rows = [], {}
     for job in jobs:
         try:
@@ -270,7 +270,7 @@ def run_batch(manifest: str | Path, out: str | Path, *, overrides: dict[str, Any
     """
     import torch
     from accelerate import PartialState
-    from accelerate.utils import gather_object
+    from accelerate.utils import broadcast_object_list, gather_object
 
     out = Path(out)
     jobs = read_manifest(manifest)
@@ -299,11 +299,15 @@ def run_batch(manifest: str | Path, out: str | Path, *, overrides: dict[str, Any
     say(f"loaded {editor.model.name} on {editor.model.device} in {time.perf_counter() - t0:.1f} s"
         + (f" ({state.num_processes} processes)\n" if state.num_processes > 1 else "\n"))
 
-    pending, rows = plan(jobs, base, editor.model.name, out, force)
-    state.wait_for_everyone()  # every process has planned before any writes a result
+    # the main process decides what is pending and tells the others, so all split the same list even where
+    # their views of the disk differ (several machines); it plans before any process writes a result
+    planned = None
     if state.is_main_process:
+        planned = plan(jobs, base, editor.model.name, out, force)
         out.mkdir(parents=True, exist_ok=True)
-    state.wait_for_everyone()
+    if state.num_processes > 1:
+        planned = broadcast_object_list([planned])[0]
+    pending, rows = planned
 
     mine: list[dict] = []
     with state.split_between_processes(pending) as share:
