@@ -1,9 +1,16 @@
 """End to end in a real browser (Debian's chromium through Playwright): upload, paint a stroke with the
-mouse, type a prompt, Generate, select the best candidate, download its PNG and check its pixels.
+mouse, type a prompt, Generate, select the best candidate, download its PNG and check its pixels; the
+workspace: example masks drawn as layers, brush size per image, Continue editing and the history, Extend
+the canvas, live previews before the result, Ctrl+Enter.
 
-Writes test-output/browser-result.png, a screenshot of the finished page.
+Writes test-output/browser-*.png, screenshots of the page. With BLENDED_README_PICTURES=1 it also writes the
+README's pictures, docs/images/app.png (the app mid-edit) and docs/images/gallery.png (before / after):
+
+    BLENDED_README_PICTURES=1 HF_HUB_OFFLINE=1 python -m pytest -q tests/test_browser.py
 """
 
+import io
+import os
 import time
 from pathlib import Path
 
@@ -17,7 +24,11 @@ from test_app_client import app_editor, launch  # noqa: F401  (app_editor is a f
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
-OUT = Path(__file__).resolve().parent.parent / "test-output"
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "test-output"
+PICTURES = ROOT / "docs" / "images"
+README_PICTURES = os.environ.get("BLENDED_README_PICTURES", "") not in ("", "0")
+EXAMPLES = ROOT / "assets" / "examples"
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +114,231 @@ def test_paint_generate_download(browser, app_url, app_editor, tmp_path):  # noq
     assert np.abs(out[stroke] - source[stroke]).mean() > 3, "nothing changed inside the stroke"
     np.testing.assert_array_equal(out[:, w // 2:], source[:, w // 2:])  # far outside: untouched
     np.testing.assert_array_equal(out[3 * h // 4:], source[3 * h // 4:])
+
+
+# -- the workspace ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def calls(app_editor, monkeypatch):  # noqa: F811
+    """Every Editor.edit call the app makes: (image, mask, prompt, config, result)."""
+    seen = []
+    original = app_editor.edit
+
+    def recording(image, mask, prompt, config=None, **kw):
+        result = original(image, mask, prompt, config, **kw)
+        seen.append((image, mask, prompt, config, result))
+        return result
+
+    monkeypatch.setattr(app_editor, "edit", recording)
+    return seen
+
+
+def open_app(browser, url):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    page.goto(url)
+    page.wait_for_selector("#editor canvas", state="attached", timeout=30_000)
+    return page
+
+
+def set_settings(page, **values):
+    """Set sliders of the Settings accordion by elem_id (underscores for dashes)."""
+    if not page.locator("#num-candidates").is_visible():
+        page.get_by_role("button", name="Settings").first.click()
+    for name, value in values.items():
+        name = name.replace("_", "-")
+        page.fill(f"#{name} input[type=number]", str(value))
+        page.keyboard.press("Tab")
+        page.wait_for_function(f"() => document.querySelector('#{name} input[type=range]').value === '{value}'")
+
+
+def magenta(page) -> np.ndarray:
+    """Where the editor's canvas shows the mask colour (the translucent magenta layer over the picture)."""
+    shot = np.asarray(Image.open(io.BytesIO(page.locator("#editor canvas").first.screenshot())).convert("RGB"),
+                      np.int16)
+    r, g, b = shot[..., 0], shot[..., 1], shot[..., 2]
+    return (r - g > 80) & (b - g > 80)
+
+
+def wait_result(page, count=None, timeout=120_000):
+    """Wait until the gallery holds the final candidates (captions '#1 ...', not previews)."""
+    page.wait_for_function("() => (document.querySelector('#gallery')?.innerText || '').includes('#1 ·')",
+                           timeout=timeout)
+    if count is not None:
+        assert page.locator("#gallery .thumbnail-item").count() == count
+
+
+def click_example(page, name):
+    page.click(f"button.gallery-item:has-text('{name}')")
+    page.wait_for_function("() => document.querySelector('#prompt textarea').value.length > 0", timeout=30_000)
+    page.wait_for_timeout(1500)  # the editor loads the background, then the layer
+
+
+def test_example_mask_is_drawn_and_sent(browser, app_url, calls):
+    page = open_app(browser, app_url)
+    click_example(page, "a red circle (shapes)")
+    for _ in range(40):  # the layer is drawn over the picture
+        if magenta(page).mean() > 0.05:
+            break
+        page.wait_for_timeout(250)
+    assert magenta(page).mean() > 0.05, "the example's mask is not drawn in the editor"
+    OUT.mkdir(exist_ok=True)
+    page.locator("#editor").screenshot(path=str(OUT / "browser-example-mask.png"))
+    set_settings(page, num_candidates=1, num_inference_steps=4)
+    page.click("#generate")
+    wait_result(page, 1)
+    page.close()
+    (_, mask, prompt, _, _), = calls
+    expected = np.asarray(Image.open(EXAMPLES / "scene-red-circle-mask.png").getchannel("A")) >= 32
+    sent = np.asarray(mask) > 0
+    assert prompt == "a red circle" and sent.any() and (sent == expected).all()
+
+
+def test_brush_size_follows_the_image(browser, app_url, tmp_path):
+    page = open_app(browser, app_url)
+    path = tmp_path / "wide.png"
+    scene(600, 400, seed=2).save(path)
+    page.set_input_files("#editor input[type=file]", str(path))
+    page.wait_for_selector("#editor .empty", state="detached", timeout=30_000)
+    page.locator("#editor button[aria-label='Brush Size']").first.click()
+    page.wait_for_function("() => document.querySelector('#editor input[type=range]')?.value === '20'",
+                           timeout=30_000)  # 400 px / 20
+    page.close()
+
+
+def test_continue_editing_and_history(browser, app_url, app_editor, calls):  # noqa: F811
+    page = open_app(browser, app_url)
+    click_example(page, "a blue square (shapes)")
+    set_settings(page, num_candidates=2, num_inference_steps=4)
+    page.click("#prompt textarea")
+    page.keyboard.press("Control+Enter")  # the keyboard shortcut generates
+    wait_result(page, 2)
+    page.click("#gallery [aria-label^='Thumbnail 2 ']")  # continue from the second candidate
+    page.click("#continue-editing")
+    page.wait_for_function("() => document.querySelectorAll('#history .thumbnail-item').length === 2",
+                           timeout=30_000)
+    assert "original" in page.inner_text("#history") and "a blue square" in page.inner_text("#history")
+    assert page.input_value("#prompt textarea") == "a blue square"  # the prompt is kept
+    page.wait_for_timeout(1000)
+    assert magenta(page).mean() < 0.001  # the mask is cleared
+
+    # paint on the new image and generate: the source is the chosen candidate at full resolution
+    size = Image.open(EXAMPLES / "scene-blue-square.png").size
+    page.mouse.move(*image_point(page, size, 8, 8))
+    page.mouse.down()
+    page.mouse.move(*image_point(page, size, 20, 8), steps=5)
+    page.mouse.up()
+    page.click("#generate")
+    for _ in range(240):
+        if len(calls) == 2:
+            break
+        page.wait_for_timeout(250)
+    first, second = calls[0][4], calls[1]
+    chosen = first.candidates[1].image
+    assert np.array_equal(np.asarray(second[0].convert("RGB")), np.asarray(chosen.convert("RGB")))
+
+    # going back: selecting the original in the history puts it into the editor again
+    wait_result(page)
+    page.click("#history [aria-label^='Thumbnail 1 ']")
+    page.wait_for_timeout(3000)  # the editor loads the version
+    page.mouse.move(*image_point(page, size, 8, 40))
+    page.mouse.down()
+    page.mouse.move(*image_point(page, size, 20, 40), steps=5)
+    page.mouse.up()
+    page.click("#generate")
+    for _ in range(240):
+        if len(calls) == 3:
+            break
+        page.wait_for_timeout(250)
+    original = np.asarray(Image.open(EXAMPLES / "scene-blue-square.png").convert("RGB"))
+    assert np.array_equal(np.asarray(calls[2][0].convert("RGB")), original)
+    page.close()
+
+
+def test_extend_canvas_outpaints_the_new_area(browser, app_url, calls):
+    page = open_app(browser, app_url)
+    source = EXAMPLES / "scene-green-circle.png"
+    page.set_input_files("#editor input[type=file]", str(source))
+    page.wait_for_selector("#editor .empty", state="detached", timeout=30_000)
+    page.get_by_text("Extend the canvas (outpainting)").click()
+    page.locator("#extend-sides label", has_text="top").click()
+    page.click("#extend-canvas")
+    for _ in range(60):  # the new area is drawn as the mask
+        if magenta(page).mean() > 0.1:
+            break
+        page.wait_for_timeout(250)
+    assert magenta(page).mean() > 0.1
+    OUT.mkdir(exist_ok=True)
+    page.locator("#editor").screenshot(path=str(OUT / "browser-extended.png"))
+    page.fill("#prompt textarea", "a red circle")
+    set_settings(page, num_candidates=1, num_inference_steps=4)
+    page.click("#generate")
+    wait_result(page, 1)
+    page.close()
+    (image, mask, _, _, result), = calls
+    w, h = Image.open(source).size
+    dx, dy = round(w * 0.25), round(h * 0.25)  # right and top, 25 % each
+    assert image.size == (w + dx, h + dy) and result.images[0].size == image.size
+    expected = np.ones((h + dy, w + dx), bool)
+    expected[dy:, :w] = False
+    assert np.array_equal(np.asarray(mask) > 0, expected)  # the new area, and only it, is the mask
+    kept = np.asarray(image.convert("RGB"))[dy:, :w]
+    assert np.array_equal(kept, np.asarray(Image.open(source).convert("RGB")))
+
+
+def test_live_preview_comes_before_the_result(browser, app_url, app_editor):  # noqa: F811
+    page = open_app(browser, app_url)
+    click_example(page, "a red circle (shapes)")
+    set_settings(page, num_candidates=4, num_inference_steps=120)
+    page.evaluate("""() => {
+        window.captions = [];
+        const g = document.querySelector('#gallery');
+        new MutationObserver(() => window.captions.push(g.innerText)).observe(g, {subtree: true, childList: true,
+                                                                                   characterData: true});
+    }""")
+    page.click("#generate")
+    page.wait_for_function("() => (document.querySelector('#gallery')?.innerText || '').includes('preview')",
+                           timeout=120_000)
+    OUT.mkdir(exist_ok=True)
+    shot = page.screenshot(full_page=True)
+    (OUT / "browser-mid-edit.png").write_bytes(shot)
+    if README_PICTURES:
+        PICTURES.mkdir(parents=True, exist_ok=True)
+        (PICTURES / "app.png").write_bytes(shot)
+    wait_result(page, 4)
+    captions = page.evaluate("() => window.captions")
+    first_preview = next(i for i, c in enumerate(captions) if "preview" in c)
+    first_result = next(i for i, c in enumerate(captions) if "#1 ·" in c)
+    assert first_preview < first_result
+
+    # the Settings switch turns previews off
+    page.uncheck("#live-preview input")
+    set_settings(page, num_inference_steps=20)
+    page.evaluate("() => { window.captions = []; }")
+    page.click("#generate")
+    page.wait_for_function("() => window.captions.some(c => c.includes('#1 ·') && !c.includes('preview'))"
+                           " && (document.querySelector('#gallery').innerText.match(/seed/g) || []).length === 4",
+                           timeout=120_000)
+    assert not any("preview" in c for c in page.evaluate("() => window.captions"))
+    page.close()
+
+
+@pytest.mark.skipif(not README_PICTURES, reason="README pictures are written with BLENDED_README_PICTURES=1")
+def test_readme_gallery(browser, app_url, app_editor, calls):  # noqa: F811
+    """Before / after of the shape examples with the demo model: docs/images/gallery.png."""
+    rows = []
+    for name in ("a red circle (shapes)", "a yellow triangle (shapes)", "a green circle (shapes)"):
+        page = open_app(browser, app_url)
+        click_example(page, name)
+        set_settings(page, num_candidates=4, num_inference_steps=app_editor.defaults.num_inference_steps)
+        page.click("#generate")
+        wait_result(page, 4)
+        page.close()
+        image, _, _, _, result = calls[-1]
+        rows.append((image.convert("RGB"), result.candidates[0].image.convert("RGB")))
+    side = 192
+    sheet = Image.new("RGB", (2 * side + 8, len(rows) * (side + 8) - 8), "white")
+    for i, (before, after) in enumerate(rows):
+        sheet.paste(before.resize((side, side), Image.NEAREST), (0, i * (side + 8)))
+        sheet.paste(after.resize((side, side), Image.NEAREST), (side + 8, i * (side + 8)))
+    PICTURES.mkdir(parents=True, exist_ok=True)
+    sheet.save(PICTURES / "gallery.png")

@@ -223,7 +223,8 @@ def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optiona
                 image_editor = gr.ImageEditor(
                     label="Image: paint over the region to edit", type="pil", image_mode="RGBA", format="png",
                     sources=("upload", "clipboard"), transforms=(), fixed_canvas=False,
-                    layers=gr.LayerOptions(allow_additional_layers=False, layers=["mask"]),
+                    canvas_size=(16, 16),  # gradio 6.31 places loaded layers within max(canvas_size, image): keep it small
+                    layers=False,
                     brush=gr.Brush(colors=[BRUSH_COLOUR], default_color=BRUSH_COLOUR, color_mode="fixed",
                                    default_size=BRUSH_RADIUS),
                     eraser=gr.Eraser(default_size=BRUSH_RADIUS), elem_id="editor")
@@ -271,13 +272,6 @@ def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optiona
         settings.update(negative_prompt=negative_prompt, invert_mask=invert_mask)
         results = gr.State(None)  # {"source": path, "paths": [...], "selected": i} of this session's last edit
         history = gr.State([])  # the session's versions: [{"path", "label", "digest"}], oldest first
-
-        redraw = gr.State(None)  # an editor value to send again once the editor has taken the new image's size
-
-        def again(value: Optional[dict]) -> Any:
-            """Send an editor value a second time: gradio 6.31 places layers that arrive together with a background of
-            a new size by the old size, so they are drawn again once the canvas has the new size."""
-            return gr.skip() if value is None else value
 
         examples = load_examples()
         if examples:
@@ -365,10 +359,10 @@ def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optiona
                                              extension(background.size, percent, sides), limits.max_pixels)
             except InputError as e:
                 raise gr.Error(str(e), title="Cannot extend") from None
-            return brush_for(image.size, value=editor_value(image)), editor_value(image, [layer])
+            return brush_for(image.size, value=editor_value(image, [layer]))
 
-        extend.click(on_extend, inputs=[image_editor, extend_sides, extend_percent], outputs=[image_editor, redraw],
-                     api_visibility="private").then(again, redraw, image_editor, api_visibility="private")
+        extend.click(on_extend, inputs=[image_editor, extend_sides, extend_percent], outputs=image_editor,
+                     api_visibility="private")
 
         def on_stop(request: gr.Request) -> None:
             """Stop the edits this session is running (they end within one denoising step)."""

@@ -1,0 +1,63 @@
+"""Honest speed: how long an edit takes on this machine, from one timed UNet call (no gradio here)."""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+
+from blended import EditConfig, Editor
+from blended.editor import first_step
+
+
+@torch.no_grad()
+def unet_seconds(editor: Editor) -> float:
+    """Seconds of one UNet call at the model's native size on a guided batch (2: one candidate), timed once."""
+    m = editor.model
+    unet = m.pipe.unet
+    side = unet.config.sample_size
+    latents = torch.randn(2, unet.config.in_channels, side, side, device=m.device, dtype=m.dtype)
+    states = torch.randn(2, 77, unet.config.cross_attention_dim, device=m.device, dtype=m.dtype)
+    kwargs = {}
+    if getattr(unet.config, "addition_embed_type", None) == "text_time":  # SDXL: pooled text + size conditions
+        n_time = 6
+        pooled = unet.config.projection_class_embeddings_input_dim - n_time * unet.config.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, pooled, device=m.device, dtype=m.dtype),
+                                       "time_ids": torch.zeros(2, n_time, device=m.device, dtype=m.dtype)}
+    t = torch.tensor(500, device=m.device)
+    start = time.perf_counter()
+    unet(latents, t, encoder_hidden_states=states, return_dict=False, **kwargs)
+    if m.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def edit_seconds(config: EditConfig, per_call: float) -> float:
+    """Estimated denoising seconds of one edit: UNet calls (one per step per candidate, guided) x `per_call`."""
+    steps = config.num_inference_steps - first_step(config.num_inference_steps, config.blend_start)
+    per_candidate = per_call if config.guidance_scale > 1.0 else per_call / 2
+    return steps * config.num_candidates * per_candidate
+
+
+def duration(seconds: float) -> str:
+    """'40 s', '3 min', '1.5 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def cpu_notice(editor: Editor, defaults: EditConfig, per_call: Optional[float] = None) -> Optional[str]:
+    """A warning when a Stable Diffusion model runs on the CPU, with the measured time per edit; None on an
+    accelerator. `per_call` is a measured UNet call (timed here when not given)."""
+    if editor.model.device.type != "cpu":
+        return None
+    per_call = unet_seconds(editor) if per_call is None else per_call
+    total = edit_seconds(defaults, per_call)
+    steps = defaults.num_inference_steps - first_step(defaults.num_inference_steps, defaults.blend_start)
+    return (f"**{editor.model.name} is running on the CPU: one edit with the default settings "
+            f"({defaults.num_candidates} candidates x {steps} steps) takes about {duration(total)} here** "
+            f"(one UNet call took {per_call:.1f} s). On a GPU it takes seconds. Fewer candidates and steps "
+            f"make it shorter; for a quick try offline, start the bundled demo model: `python app.py --model demo`.")
