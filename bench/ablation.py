@@ -131,6 +131,19 @@ LOOP_ROWS = [  # (label, settings over the model's defaults (None = the official
     ("core_steps 0", dict(core_steps=0.0), True),
 ]  # the engine set up like the script (OFFICIAL_SETTINGS) computes the port's numbers: tests/test_loop.py
 
+def symmetric_blur(mask: np.ndarray, blur: float) -> Image.Image:
+    """A1111's mask blur (a Gaussian over both sides of the edge) as a grey-level mask, for `soft_mask`."""
+    import cv2
+
+    k = 2 * int(2.5 * blur + 0.5) + 1
+    s = cv2.GaussianBlur(mask.astype(np.float32), (k, k), blur, borderType=cv2.BORDER_REPLICATE)
+    return Image.fromarray((np.clip(s, 0, 1) * 255).round().astype(np.uint8))
+
+
+def grey_image(mask: np.ndarray) -> Image.Image:
+    return Image.fromarray((grey_mask(mask) * 255).round().astype(np.uint8))
+
+
 SOFT_ROWS = [  # (label, settings, mask_image(mask) or None)
     ("hard mask, blur 0 (default)", {}, None),
     ("mask_blur 4", dict(mask_blur=4.0), None),
@@ -138,10 +151,10 @@ SOFT_ROWS = [  # (label, settings, mask_image(mask) or None)
     ("mask_blur 16", dict(mask_blur=16.0), None),
     ("mask_blur 8, shrinking off", dict(mask_blur=8.0, shrink=False), None),
     ("mask_blur 8, core_steps 0", dict(mask_blur=8.0, core_steps=0.0), None),
-    ("grey-level mask (6 px ramp inside), soft_mask", dict(soft_mask=True),
-     lambda m: Image.fromarray((grey_mask(m) * 255).round().astype(np.uint8))),
-    ("grey-level mask, thresholded (soft_mask off)", {},
-     lambda m: Image.fromarray((grey_mask(m) * 255).round().astype(np.uint8))),
+    ("symmetric blur 8 (A1111's), grey mask", dict(soft_mask=True), lambda m: symmetric_blur(m, 8.0)),
+    ("symmetric blur 8 (A1111's), shrinking off", dict(soft_mask=True, shrink=False), lambda m: symmetric_blur(m, 8.0)),
+    ("grey-level mask (6 px ramp inside), soft_mask", dict(soft_mask=True), grey_image),
+    ("grey-level mask, thresholded (soft_mask off)", {}, grey_image),
 ]
 
 
