@@ -29,6 +29,9 @@ FLAGS = {
     "background": ("--background", str, f"background reconstruction: {', '.join(BACKGROUND_METHODS)}"),
     "batch_size": ("--batch-size", int, "candidates denoised at once (memory bound)"),
     "crop_margin": ("--crop-margin", int, "context pixels around the mask when a large image is cropped"),
+    "resolution": ("--resolution", int, "shorter side in pixels the edited region is worked at; 0 = the model's "
+                   "native size; more gives large masks more detail (GPU time and memory grow with its square)"),
+    "feather": ("--feather", int, "seam band in pixels outside the mask; beyond it the output is the input, bit for bit"),
     "mask_threshold": ("--mask-threshold", float, "mask values above this fraction are edited"),
     "mask_blur": ("--mask-blur", float, "blur the mask by this many pixels of the image into a soft edit strength "
                   "(0 = a hard mask)"),

@@ -1,6 +1,7 @@
 """The photo stays the photo: beyond the seam band of the mask, every pixel of the output is the upload's,
 bit for bit, at full resolution, through `Editor.edit` and the CLI, for every method and by default."""
 
+import json
 from pathlib import Path
 
 import cv2
@@ -112,15 +113,16 @@ def test_cli_large_photo_default_and_decoder(tiny_dirs, big, tmp_path):
     image, mask = big
     image.save(tmp_path / "photo.png")
     mask.save(tmp_path / "mask.png")
-    far = distance_outside(mask) > EditConfig().feather
-    for extra in ([], ["--background", "decoder"]):
+    for extra, feather in (([], 8), (["--background", "decoder"], 8), (["--resolution", "64", "--feather", "3"], 3)):
         out = tmp_path / ("out" + "".join(extra))
         p = run_cli("edit", "--image", tmp_path / "photo.png", "--mask", tmp_path / "mask.png", "--prompt", "a cat",
                     "--model", tiny_dirs["sd1"], "--candidates", 1, "--steps", 3, "--no-rank", "--out", out, *extra)
         assert p.returncode == 0, p.stderr
         result = Image.open(out / "01.png")
         assert result.size == image.size
-        assert not changed(result, image)[far].any(), extra
+        assert not changed(result, image)[distance_outside(mask) > feather].any(), extra
+        work = json.loads((out / "result.json").read_text())["region"]["work_size"]
+        assert min(work) == (64 if "--resolution" in extra else 32)  # the tiny model's native size is 32
 
 
 def test_composite_is_bit_exact_where_the_weight_is_zero():
