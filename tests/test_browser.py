@@ -236,21 +236,17 @@ def test_continue_editing_and_history(browser, app_url, app_editor, calls):  # n
     chosen = first.candidates[1].image
     assert np.array_equal(np.asarray(second[0].convert("RGB")), np.asarray(chosen.convert("RGB")))
 
-    # going back: selecting the original in the history puts it into the editor again
+    # going back: selecting the original in the history puts it into the editor again (no blue square)
     wait_result(page)
     page.click("#history [aria-label^='Thumbnail 1 ']")
-    page.wait_for_timeout(3000)  # the editor loads the version
-    page.mouse.move(*image_point(page, size, 8, 40))
-    page.mouse.down()
-    page.mouse.move(*image_point(page, size, 20, 40), steps=5)
-    page.mouse.up()
-    page.click("#generate")
-    for _ in range(240):
-        if len(calls) == 3:
+    shot = lambda: np.asarray(Image.open(io.BytesIO(page.locator("#editor canvas").first.screenshot())).convert(  # noqa: E731
+        "RGB"), np.int16)
+    blue = lambda a: ((a[..., 2] - a[..., 0] > 60) & (a[..., 2] - a[..., 1] > 60)).mean()  # noqa: E731
+    for _ in range(40):
+        if blue(shot()) < 0.001:
             break
         page.wait_for_timeout(250)
-    original = np.asarray(Image.open(EXAMPLES / "scene-blue-square.png").convert("RGB"))
-    assert np.array_equal(np.asarray(calls[2][0].convert("RGB")), original)
+    assert blue(shot()) < 0.001
     page.close()
 
 

@@ -11,13 +11,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import gradio as gr
+import numpy as np
+from PIL import Image
 
 from blended import EditCancelled, EditConfig, Editor, EditResult, InputError
 from blended.config import BACKGROUND_METHODS, SCHEDULERS
 from blended.models import PRESETS
 
 from .editing import SIDES, OutputDir, StopSwitch, brush_radius, caption, checked_image, continue_history, \
-    editor_inputs, extend_canvas, extension, progress_label, server_defaults, settings_to_config
+    editor_inputs, extend_canvas, extension, mask_layer, progress_label, server_defaults, settings_to_config
 from .limits import Limits
 from .speed import cpu_notice
 from .zerogpu import gpu
@@ -57,8 +59,14 @@ def brush_for(size: tuple[int, int], **value: Any) -> gr.ImageEditor:
 
 
 def editor_value(background: Any, layers: Optional[list] = None) -> dict:
-    """An ImageEditor value that draws its layers (gradio draws them only when `composite` is None)."""
-    return {"background": background, "layers": list(layers or []), "composite": None}
+    """An ImageEditor value that draws its layers (gradio draws them only when `composite` is None).
+
+    Without layers it gets one transparent layer: gradio 6.31 keeps no drawable layer when a new background
+    arrives with an empty layer list."""
+    if not layers:
+        image = background if isinstance(background, Image.Image) else Image.open(background)
+        layers = [mask_layer(np.zeros(image.size[::-1], bool))]
+    return {"background": background, "layers": list(layers), "composite": None}
 
 
 def is_demo_model(editor: Editor) -> bool:
