@@ -273,16 +273,21 @@ def run_batch(manifest: str | Path, out: str | Path, *, overrides: dict[str, Any
     from accelerate.utils import broadcast_object_list, gather_object
 
     out = Path(out)
-    jobs = read_manifest(manifest)
     try:
-        EditConfig().replace(**overrides).validate()
-    except (ValueError, TypeError) as e:
-        raise InputError(str(e)) from None
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} exists and is not a folder")
-    if threads is not None:
-        if threads < 1:
+        jobs = read_manifest(manifest)
+        try:
+            EditConfig().replace(**overrides).validate()
+        except (ValueError, TypeError) as e:
+            raise InputError(str(e)) from None
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--out {out} exists and is not a folder")
+        if threads is not None and threads < 1:
             raise InputError("--threads must be at least 1")
+    except InputError:
+        if int(os.environ.get("RANK", "0")) != 0:  # under a launcher, every process finds it; the first says it
+            return EXIT_MANIFEST
+        raise
+    if threads is not None:
         torch.set_num_threads(threads)
 
     # Under a launcher (accelerate launch / torchrun) on a machine without accelerators, or with --device cpu,

@@ -17,10 +17,23 @@ ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--no-rank", "--steps", "3", "--candidates", "2"]  # subprocesses add --threads 1 (the suite keeps its own)
 
 
-def run(*args, launcher=(sys.executable, "-m", "blended")):
+def start(*args, launcher=(sys.executable, "-m", "blended")) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    return subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=300)
+    return subprocess.Popen([*launcher, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=ROOT)
+
+
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run(*args, **kw) -> subprocess.CompletedProcess:
+    return finish(start(*args, **kw))
 
 
 def write_manifest(path: Path, jobs: list) -> Path:
@@ -150,12 +163,13 @@ def test_two_cpu_processes_write_the_same_files_as_one(tiny_dirs, data, tmp_path
                           {"image": "image0.png", "mask": "mask.png", "prompt": "a yellow triangle", "seed": 3}]
     manifest = write_manifest(data / "jobs-two.jsonl", jobs)
     one, two = tmp_path / "one", tmp_path / "two"
-    p1 = run("batch", manifest, "--out", one, "--model", tiny_dirs["sd1"], *FAST, "--threads", 1)
+    p1 = start("batch", manifest, "--out", one, "--model", tiny_dirs["sd1"], *FAST, "--threads", 1)
     # accelerate's --cpu runs one process unless an MPI launcher is set up; --multi_gpu starts torchrun's
     # processes, which join a gloo group on the CPU when the machine has no accelerator (docs/batch.md)
-    p2 = run("batch", manifest, "--out", two, "--model", tiny_dirs["sd1"], *FAST, "--threads", 1, launcher=(
+    p2 = start("batch", manifest, "--out", two, "--model", tiny_dirs["sd1"], *FAST, "--threads", 1, launcher=(
         "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
         "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "blended"))
+    p1, p2 = finish(p1), finish(p2)  # both at once: the single process and the pair
     assert p1.returncode == 1 and p2.returncode != 0, (p1.stderr, p2.stderr)  # one job fails in both
     assert "error: 1 of 5 jobs failed" in p1.stderr and "error: 1 of 5 jobs failed" in p2.stderr
     assert "(2 processes)" in p2.stderr, p2.stderr
