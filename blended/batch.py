@@ -141,18 +141,24 @@ def coerce_settings(settings: dict[str, Any]) -> dict[str, Any]:
 # -- one job ------------------------------------------------------------------------------------------
 
 
-def _file_digest(path: Path, what: str) -> str:
+def _file_digest(path: Path, what: str, cache: Optional[dict] = None) -> str:
     if not path.exists():
         raise InputError(f"the {what} file does not exist: {path}")
     if not path.is_file():
         raise InputError(f"the {what} path is not a file: {path}")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    if cache is None or path not in cache:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if cache is None:
+            return digest
+        cache[path] = digest
+    return cache[path]
 
 
-def settings_hash(job: Job, config: EditConfig, model: str) -> str:
-    """What made a job's images: model, prompt, every setting and the bytes of image and mask (not their paths)."""
+def settings_hash(job: Job, config: EditConfig, model: str, cache: Optional[dict] = None) -> str:
+    """What made a job's images: model, prompt, every setting and the bytes of image and mask (not their paths).
+    `cache` keeps file digests across jobs that share a file (one mask for a whole folder)."""
     payload = {"version": HASH_VERSION, "model": model, "prompt": job.prompt, "settings": config.to_dict(),
-               "image": _file_digest(job.image, "image"), "mask": _file_digest(job.mask, "mask")}
+               "image": _file_digest(job.image, "image", cache), "mask": _file_digest(job.mask, "mask", cache)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -230,7 +236,7 @@ def _has_accelerator() -> bool:
 def plan(jobs: list[Job], base: EditConfig, model: str, out: Path, force: bool) -> tuple[list[tuple], dict[str, dict]]:
     """Check every job's settings and files and hash them: (pending (job, config, digest), rows of jobs that need
     no run: errors and, without `force`, those already done)."""
-    pending, rows = [], {}
+    pending, rows, digests = [], {}, {}
     for job in jobs:
         try:
             config = base.replace(**coerce_settings(job.settings))
@@ -238,7 +244,7 @@ def plan(jobs: list[Job], base: EditConfig, model: str, out: Path, force: bool) 
                 config.validate()
             except (ValueError, TypeError) as e:
                 raise InputError(str(e)) from None
-            digest = settings_hash(job, config, model)
+            digest = settings_hash(job, config, model, digests)
         except InputError as e:
             rows[job.id] = _row(job, "error", str(e), None, 0.0)
             continue
