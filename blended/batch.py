@@ -11,7 +11,8 @@ same hash is skipped on a rerun.
 
 Several processes split the pending jobs, which the main process decides and broadcasts, with accelerate's
 `PartialState.split_between_processes` (contiguous, the same split in every process), each on its own
-device; the main process gathers the rows and writes the one summary. A job's images do not depend on the process that made them.
+device; the main process gathers the rows and writes the one summary. A job's images do not depend on the
+process that made them.
 """
 
 from __future__ import annotations
@@ -142,16 +143,16 @@ def coerce_settings(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def _file_digest(path: Path, what: str, cache: Optional[dict] = None) -> str:
+    if cache is not None and path in cache:
+        return cache[path]
     if not path.exists():
         raise InputError(f"the {what} file does not exist: {path}")
     if not path.is_file():
         raise InputError(f"the {what} path is not a file: {path}")
-    if cache is None or path not in cache:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        if cache is None:
-            return digest
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if cache is not None:
         cache[path] = digest
-    return cache[path]
+    return digest
 
 
 def settings_hash(job: Job, config: EditConfig, model: str, cache: Optional[dict] = None) -> str:
