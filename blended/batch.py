@@ -1,7 +1,7 @@
 """Batch editing from a JSONL manifest: one model load, many jobs, one process or many (accelerate).
 
     python -m blended batch JOBS.jsonl --out DIR [edit options]
-    accelerate launch --num_processes N -m blended batch JOBS.jsonl --out DIR [edit options]
+    accelerate launch --multi_gpu --num_processes N -m blended batch JOBS.jsonl --out DIR [edit options]
 
 A job is one JSON object per line: `image`, `mask`, `prompt`, an optional `id` (default: its line number
 as 4 digits) and any `EditConfig` setting under its own name. Relative paths are read from the manifest's
