@@ -53,7 +53,7 @@ def load_editor(model: str, device, dtype):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from ui import Limits, create_demo
+    from ui import Limits, create_demo, is_demo_model
     from ui.zerogpu import on_zerogpu
 
     try:
@@ -62,7 +62,15 @@ def main(argv=None) -> None:
         raise SystemExit(f"blended: {e}") from None
     on_zerogpu()  # imports `spaces` on ZeroGPU before any CUDA work, as it requires
     editor, notice = load_editor(args.model, args.device, args.dtype)
-    demo = create_demo(editor, limits=limits, notice=notice)
+    speed = None
+    if not is_demo_model(editor):  # Stable Diffusion on a CPU: say so, with a time per edit from one UNet call
+        from ui.editing import server_defaults
+        from ui.speed import cpu_notice
+
+        speed = cpu_notice(editor, server_defaults(editor.defaults, limits))
+        if speed:
+            print("blended: " + speed.replace("**", "").replace("`", ""), file=sys.stderr)
+    demo = create_demo(editor, limits=limits, notice=notice, speed=speed)
     demo.queue(max_size=limits.max_queue, default_concurrency_limit=limits.concurrency)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share,
                 max_file_size=f"{limits.max_upload_mb}mb",

@@ -284,7 +284,7 @@ def test_extend_canvas_outpaints_the_new_area(browser, app_url, calls):
 def test_live_preview_comes_before_the_result(browser, app_url, app_editor):  # noqa: F811
     page = open_app(browser, app_url)
     click_example(page, "a red circle (shapes)")
-    set_settings(page, num_candidates=4, num_inference_steps=120)
+    set_settings(page, num_candidates=2, num_inference_steps=40)
     page.evaluate("""() => {
         window.captions = [];
         const g = document.querySelector('#gallery');
@@ -300,7 +300,7 @@ def test_live_preview_comes_before_the_result(browser, app_url, app_editor):  # 
     if README_PICTURES:
         PICTURES.mkdir(parents=True, exist_ok=True)
         (PICTURES / "app.png").write_bytes(shot)
-    wait_result(page, 4)
+    wait_result(page, 2, timeout=300_000)
     captions = page.evaluate("() => window.captions")
     first_preview = next(i for i, c in enumerate(captions) if "preview" in c)
     first_result = next(i for i, c in enumerate(captions) if "#1 ·" in c)
@@ -308,12 +308,12 @@ def test_live_preview_comes_before_the_result(browser, app_url, app_editor):  # 
 
     # the Settings switch turns previews off
     page.uncheck("#live-preview input")
-    set_settings(page, num_inference_steps=20)
+    set_settings(page, num_inference_steps=8)
     page.evaluate("() => { window.captions = []; }")
     page.click("#generate")
     page.wait_for_function("() => window.captions.some(c => c.includes('#1 ·') && !c.includes('preview'))"
-                           " && (document.querySelector('#gallery').innerText.match(/seed/g) || []).length === 4",
-                           timeout=120_000)
+                           " && (document.querySelector('#gallery').innerText.match(/seed/g) || []).length === 2",
+                           timeout=300_000)
     assert not any("preview" in c for c in page.evaluate("() => window.captions"))
     page.close()
 
