@@ -14,19 +14,18 @@ def strength_map(mask: np.ndarray, blur: float = 0.0) -> np.ndarray:
     """(H, W) mask (bool, or float edit strengths in [0, 1]) -> float32 strengths in [0, 1], quantised to
     1/255 like an 8-bit mask.
 
-    `blur` > 0 softens the edge *outwards*: pixels outside the mask get twice a Gaussian blur of it
-    (standard deviation `blur` pixels, kernel 2 * round(2.5 * blur) + 1 as A1111's "mask blur"), which is
-    about 1 at the edge and falls to exactly 0 about 2.5 * blur pixels out; the mask's own pixels keep their
-    strength. (A1111's symmetric blur also weakens the inside of the mask: on the demo model's 64 px edits
-    a blur of 8 px cut the top-1 hit from 0.94 to 0.52, docs/benchmarks.md.)
+    `blur` > 0 softens the edge outwards: pixels outside the mask take a Gaussian blur of it (standard
+    deviation `blur` pixels, kernel 2 * round(2.5 * blur) + 1, A1111's "mask blur"), about 0.5 at the edge
+    and exactly 0 some 2.5 * blur pixels out, so they change only in the last half of the steps or less
+    and keep the source's structure; the mask's own pixels keep their strength. (A1111's blur also weakens
+    the inside of the mask, which costs new objects their place on small masks: docs/benchmarks.md.)
     """
     s = np.asarray(mask, dtype=np.float32)
     if blur > 0:
         import cv2
 
         k = 2 * int(2.5 * blur + 0.5) + 1
-        blurred = cv2.GaussianBlur(s, (k, k), blur, borderType=cv2.BORDER_REPLICATE)
-        s = np.where(s > 0, s, np.minimum(2.0 * blurred, 1.0))
+        s = np.where(s > 0, s, cv2.GaussianBlur(s, (k, k), blur, borderType=cv2.BORDER_REPLICATE))
     return np.round(np.clip(s, 0.0, 1.0) * 255.0) / np.float32(255.0)
 
 

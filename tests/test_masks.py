@@ -25,7 +25,7 @@ def test_blur_softens_the_edge_outwards_and_is_zero_far_away():
     s = strength_map(m, 4.0)
     row = s[10]
     assert np.all(row[32:] == 1)  # the mask's own pixels keep full strength
-    assert row[31] > 0.75 and np.all(np.diff(row) >= 0) and row[0] == 0  # about 1 at the edge, falling outwards
+    assert 0.4 < row[31] <= 0.5 and np.all(np.diff(row) >= 0) and row[0] == 0  # about 0.5 at the edge, falling outwards
     assert row[32 - 12] == 0 and row[32 - 10] > 0  # kernel of 2 * 10 + 1: 2.5 sigma
     assert np.allclose(s * 255, np.round(s * 255), atol=1e-4)  # 8-bit levels
     grey = np.where(m, 0.4, 0.0).astype(np.float32)
