@@ -89,8 +89,7 @@ def test_paint_generate_download(browser, app_url, app_editor, tmp_path):  # noq
         page.keyboard.press("Tab")
         page.wait_for_function(f"() => document.querySelector('#{name} input[type=range]').value === '{value}'")
     page.click("#generate")
-    page.wait_for_selector("#gallery .thumbnail-item", timeout=120_000)
-    assert page.locator("#gallery .thumbnail-item").count() == 2
+    wait_result(page, 2, timeout=300_000)
     seed = int(page.input_value("#seed input"))  # randomized, written back
     assert f"#1 · seed {seed}" in page.inner_text("#gallery")
 
@@ -167,6 +166,38 @@ def wait_result(page, count=None, timeout=120_000):
         assert page.locator("#gallery .thumbnail-item").count() == count
 
 
+def canvas(page) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(page.locator("#editor canvas").first.screenshot())).convert("RGB"),
+                      np.int16)
+
+
+def blue(a: np.ndarray) -> float:
+    """Share of clearly blue pixels (the demo's blue square) in a screenshot."""
+    return float(((a[..., 2] - a[..., 0] > 60) & (a[..., 2] - a[..., 1] > 60)).mean())
+
+
+def wait_canvas(page, test, what):
+    for _ in range(120):
+        if test(canvas(page)):
+            return
+        page.wait_for_timeout(250)
+    raise AssertionError(f"the editor never showed {what}")
+
+
+def paint(page, size, x0, x1, y):
+    """A horizontal stroke in image pixels, repeated until the editor draws it (it may still be loading)."""
+    for _ in range(5):
+        page.mouse.move(*image_point(page, size, x0, y))
+        page.mouse.down()
+        page.mouse.move(*image_point(page, size, x1, y), steps=5)
+        page.mouse.up()
+        page.wait_for_timeout(300)
+        if magenta(page).mean() > 0.002:
+            return
+        page.wait_for_timeout(1000)
+    raise AssertionError("the stroke was not drawn")
+
+
 def click_example(page, name):
     page.click(f"button.gallery-item:has-text('{name}')")
     page.wait_for_function("() => document.querySelector('#prompt textarea').value.length > 0", timeout=30_000)
@@ -218,17 +249,14 @@ def test_continue_editing_and_history(browser, app_url, app_editor, calls):  # n
                            timeout=30_000)
     assert "original" in page.inner_text("#history") and "a blue square" in page.inner_text("#history")
     assert page.input_value("#prompt textarea") == "a blue square"  # the prompt is kept
-    page.wait_for_timeout(1000)
+    wait_canvas(page, lambda a: blue(a) > 0.005, "the chosen candidate")
     assert magenta(page).mean() < 0.001  # the mask is cleared
 
     # paint on the new image and generate: the source is the chosen candidate at full resolution
     size = Image.open(EXAMPLES / "scene-blue-square.png").size
-    page.mouse.move(*image_point(page, size, 8, 8))
-    page.mouse.down()
-    page.mouse.move(*image_point(page, size, 20, 8), steps=5)
-    page.mouse.up()
+    paint(page, size, 8, 30, 8)
     page.click("#generate")
-    for _ in range(240):
+    for _ in range(480):
         if len(calls) == 2:
             break
         page.wait_for_timeout(250)
@@ -236,18 +264,20 @@ def test_continue_editing_and_history(browser, app_url, app_editor, calls):  # n
     chosen = first.candidates[1].image
     assert np.array_equal(np.asarray(second[0].convert("RGB")), np.asarray(chosen.convert("RGB")))
 
-    # going back: selecting the original in the history puts it into the editor again (no blue square)
-    wait_result(page)
+    # going back: selecting the original in the history puts it into the editor again, to be edited
+    page.wait_for_function("() => !(document.querySelector('#gallery')?.innerText || '').includes('preview')"
+                           " && document.querySelector('#gallery').innerText.includes('#1 ·')", timeout=120_000)
     page.click("#history [aria-label^='Thumbnail 1 ']")
-    shot = lambda: np.asarray(Image.open(io.BytesIO(page.locator("#editor canvas").first.screenshot())).convert(  # noqa: E731
-        "RGB"), np.int16)
-    blue = lambda a: ((a[..., 2] - a[..., 0] > 60) & (a[..., 2] - a[..., 1] > 60)).mean()  # noqa: E731
-    for _ in range(40):
-        if blue(shot()) < 0.001:
+    wait_canvas(page, lambda a: blue(a) < 0.001, "the original")  # the candidate had a blue square
+    paint(page, size, 8, 40, 30)
+    page.click("#generate")
+    for _ in range(480):
+        if len(calls) == 3:
             break
         page.wait_for_timeout(250)
-    assert blue(shot()) < 0.001
     page.close()
+    original = np.asarray(Image.open(EXAMPLES / "scene-blue-square.png").convert("RGB"))
+    assert np.array_equal(np.asarray(calls[2][0].convert("RGB")), original)
 
 
 def test_extend_canvas_outpaints_the_new_area(browser, app_url, calls):
