@@ -11,7 +11,6 @@ README's pictures, docs/images/app.png (the app mid-edit) and docs/images/galler
 
 import io
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -143,11 +142,20 @@ def set_settings(page, **values):
     """Set sliders of the Settings accordion by elem_id (underscores for dashes)."""
     if not page.locator("#num-candidates").is_visible():
         page.get_by_role("button", name="Settings").first.click()
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     for name, value in values.items():
         name = name.replace("_", "-")
-        page.fill(f"#{name} input[type=number]", str(value))
-        page.keyboard.press("Tab")
-        page.wait_for_function(f"() => document.querySelector('#{name} input[type=range]').value === '{value}'")
+        for attempt in range(3):  # a busy machine may drop the first change
+            page.fill(f"#{name} input[type=number]", str(value))
+            page.keyboard.press("Tab")
+            try:
+                page.wait_for_function(
+                    f"() => document.querySelector('#{name} input[type=range]').value === '{value}'", timeout=20_000)
+                break
+            except PlaywrightTimeout:
+                if attempt == 2:
+                    raise
 
 
 def magenta(page) -> np.ndarray:
