@@ -29,8 +29,8 @@ class EditConfig:
     shrink: bool = True  # progressive mask shrinking (paper §4.1)
     shrink_kernels: tuple[int, ...] = (7, 5, 3, 1)  # latent dilation kernels over equal parts of the steps; 1 = true mask
     start_from: str = "source"  # the loop's first latents: "source" = z_init noised to the first timestep used; "noise" = pure noise (the paper's code)
-    background_noise: str = "fixed"  # the noise of the noised source outside the mask: "fixed" = one draw per candidate for all steps; "fresh" = a new draw at every step (the paper's code)
-    background_timestep: str = "next"  # after the step t_i -> t_i+1 the background is noised to "next" = t_i+1, the latents' level (clean after the last step), or "own" = t_i (the paper's code)
+    background_noise: str = "fresh"  # the noise of the noised source outside the mask: "fresh" = a new draw at every step (the paper's code); "fixed" = one draw per candidate for all steps
+    background_timestep: str = "own"  # after the step t_i -> t_i+1 the background is the source noised to "own" = t_i, one step noisier than the latents (the paper's code), or "next" = t_i+1, the latents' level (clean after the last step); fresh + own: 160 demo edits, a random candidate's hit 0.64 -> 0.74, top-1 0.91 -> 0.94 (docs/benchmarks.md)
     latent_mask_mode: str = "any"  # pixel mask -> latent mask: "any" = a latent is edited if any pixel under it is; "nearest" = the pixel at its centre (the paper's code); "core" = only if all are (a mask without a core falls back to "any")
     mask_blur: float = 0.0  # Gaussian blur (standard deviation, in pixels of the uploaded image) of the mask into a soft edit-strength map, used by the loop and, instead of `feather`, by the final composite; 0 = a hard mask
     soft_mask: bool = False  # a mask's grey levels / alpha are edit strengths in [0, 1] (weak pixels change only in the last steps, Differential Diffusion); False = thresholded at `mask_threshold`

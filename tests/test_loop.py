@@ -108,7 +108,7 @@ def _previous_schedule(mask, n, kernels, core, core_steps):
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)
-def test_default_loop_and_hard_schedule_are_the_previous_ones_exactly(name):
+def test_loop_without_variants_and_hard_schedule_are_the_previous_ones_exactly(name):
     pixels = np.zeros((32, 32), bool)
     pixels[6:23, 5:19] = True
     m, core = latent_mask(pixels, 4), latent_mask(pixels, 4, "core")
