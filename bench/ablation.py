@@ -106,9 +106,12 @@ def official_fn(editor):
 
 
 SAVE = [True]  # --quick writes nothing
+ONLY_CACHED = [False]  # --cached-only: rows not measured yet are left out
 
 
 def cached(cache: dict, key: str, make) -> dict:
+    if key not in cache and ONLY_CACHED[0]:
+        return {}
     if key not in cache:
         cache[key] = make()
         if SAVE[0]:  # merge with rows other processes wrote meanwhile (run sections in parallel with --rows)
@@ -170,7 +173,9 @@ def main() -> None:
     ap.add_argument("--rows", default=None, help="only rows whose label matches one of these comma-separated regexes")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fresh", action="store_true", help="ignore the cached rows in docs/bench/ablation.json")
+    ap.add_argument("--cached-only", action="store_true", help="write the tables from docs/bench/ablation.json alone")
     args = ap.parse_args()
+    ONLY_CACHED[0] = args.cached_only
     torch.set_num_threads(args.threads)
     from blended import Editor
 
@@ -197,6 +202,8 @@ def main() -> None:
             fn = official_fn(editor) if settings is None else engine_fn(editor, **{**pin, **settings})
             r = cached(cache, f"loop|{label}|{n}", lambda: evaluate(fn, cases))
             t = cached(cache, f"loop-thin|{label}|{n}", lambda: evaluate(fn, thin)) if with_thin else {}
+            if not r:
+                continue
             rows.append([label, r["top"], r["mean"], r["psnr"], r["seam"], r["band"], t.get("top", "-"),
                          t.get("mean", "-"), r["seconds"]])
         out.append("## The loop against the official script, one difference at a time\n\nBackground `none` (the raw "
@@ -215,6 +222,8 @@ def main() -> None:
                 continue
             fn = engine_fn(editor, mask_image, **{**SOFT_LOOP, **settings})  # the default background: the composite takes part
             r = cached(cache, f"soft|{label}|{len(soft_cases)}", lambda: evaluate(fn, soft_cases))
+            if not r:
+                continue
             rows.append([label, r["top"], r["mean"], r["psnr"], r["seam"], r["band"], r["seconds"]])
         out.append(f"## Soft masks ({len(soft_cases)} edits)\n\nWith the model's default background (`{d.background}`: "
                    "the upload exactly where the edit's weight is 0; a soft mask's strengths weigh the final composite "
