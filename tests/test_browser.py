@@ -75,18 +75,10 @@ def test_paint_generate_download(browser, app_url, app_editor, tmp_path):  # noq
     page.wait_for_timeout(300)
     y = n // 4
     x0, x1 = n // 4, n // 2
-    page.mouse.move(*image_point(page, (w, h), x0, y))
-    page.mouse.down()
-    page.mouse.move(*image_point(page, (w, h), x1, y), steps=10)
-    page.mouse.up()
+    paint(page, (w, h), x0, x1, y)  # repeated until drawn: the editor may still be loading the upload
 
     page.fill("#prompt textarea", "a red circle")
-    page.get_by_role("button", name="Settings").first.click()
-    steps = min(app_editor.defaults.num_inference_steps, 10)
-    for name, value in (("num-candidates", 2), ("num-inference-steps", steps)):
-        page.fill(f"#{name} input[type=number]", str(value))
-        page.keyboard.press("Tab")
-        page.wait_for_function(f"() => document.querySelector('#{name} input[type=range]').value === '{value}'")
+    set_settings(page, num_candidates=2, num_inference_steps=min(app_editor.defaults.num_inference_steps, 10))
     page.click("#generate")
     wait_result(page, 2, timeout=300_000)
     seed = int(page.input_value("#seed input"))  # randomized, written back
