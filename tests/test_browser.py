@@ -207,7 +207,7 @@ def click_example(page, name):
 def test_example_mask_is_drawn_and_sent(browser, app_url, calls):
     page = open_app(browser, app_url)
     click_example(page, "a red circle (shapes)")
-    for _ in range(40):  # the layer is drawn over the picture
+    for _ in range(120):  # the layer is drawn over the picture (within 30 s: a loaded CI machine is slow)
         if magenta(page).mean() > 0.05:
             break
         page.wait_for_timeout(250)
