@@ -110,6 +110,13 @@ def _is_oom(e: BaseException) -> bool:
         or "out of memory" in str(e).lower()
 
 
+def _release_memory() -> None:
+    """Give back what a failed allocation left: Python's garbage, then CUDA's cached blocks."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL RGB -> (1, 3, H, W) in [-1, 1]."""
     a = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
@@ -214,9 +221,7 @@ class Editor:
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if cfg.background not in ("latent", "decoder") or not _is_oom(e):
                 raise
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            _release_memory()
             fallback = "stitch" if exact else "none"
             return decoded, (f"background '{cfg.background}' ran out of memory at {tuple(decoded.shape[-2:])[::-1]} "
                              f"work pixels; the edit used '{fallback}' instead (a smaller mask or `resolution` "
@@ -256,9 +261,7 @@ class Editor:
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not _is_oom(e):
                 raise
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            _release_memory()
             raise OutOfMemory("out of memory during the edit: use fewer candidates, a smaller batch size "
                               "or a smaller image") from None
 

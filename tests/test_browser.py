@@ -198,6 +198,14 @@ def paint(page, size, x0, x1, y):
     raise AssertionError("the stroke was not drawn")
 
 
+def wait_calls(page, calls, n, seconds=120):
+    """Wait until the app has made `n` edits (the `calls` fixture records them)."""
+    for _ in range(seconds * 4):
+        if len(calls) == n:
+            return
+        page.wait_for_timeout(250)
+
+
 def click_example(page, name):
     page.click(f"button.gallery-item:has-text('{name}')")
     page.wait_for_function("() => document.querySelector('#prompt textarea').value.length > 0", timeout=30_000)
@@ -256,10 +264,7 @@ def test_continue_editing_and_history(browser, app_url, app_editor, calls):  # n
     size = Image.open(EXAMPLES / "scene-blue-square.png").size
     paint(page, size, 8, 30, 8)
     page.click("#generate")
-    for _ in range(480):
-        if len(calls) == 2:
-            break
-        page.wait_for_timeout(250)
+    wait_calls(page, calls, 2)
     first, second = calls[0][4], calls[1]
     chosen = first.candidates[1].image
     assert np.array_equal(np.asarray(second[0].convert("RGB")), np.asarray(chosen.convert("RGB")))
@@ -271,10 +276,7 @@ def test_continue_editing_and_history(browser, app_url, app_editor, calls):  # n
     wait_canvas(page, lambda a: blue(a) < 0.001, "the original")  # the candidate had a blue square
     paint(page, size, 8, 40, 30)
     page.click("#generate")
-    for _ in range(480):
-        if len(calls) == 3:
-            break
-        page.wait_for_timeout(250)
+    wait_calls(page, calls, 3)
     page.close()
     original = np.asarray(Image.open(EXAMPLES / "scene-blue-square.png").convert("RGB"))
     assert np.array_equal(np.asarray(calls[2][0].convert("RGB")), original)
