@@ -6,13 +6,19 @@ Sections (demo model, held-out seeds no other bench uses):
          one difference at a time: start, background noise, background timestep, mask downsampling,
          progressive shrinking, core_steps; background "none" (the raw decode, as the script), so PSNR
          and seam measure the loop itself
-  soft   soft masks: mask_blur 0 / 4 / 8 / 16 px and grey-level masks, with and without shrinking and
-         core_steps, with the default background (the final composite uses the soft map); a picture strip
-         of one edit at blur 0, 8, 16
+  soft   soft masks: mask_blur 0 / 4 / 8 / 16 px in the final composite alone (the default) or also in the
+         loop (`soft_mask`, Differential Diffusion), grey-level masks, with and without shrinking and
+         core_steps, with the default background; a picture strip of one edit at blur 0, 8, 16
+  tune   the model's recommended settings (guidance, core_steps, steps, scheduler) on a validation range of
+         seeds that neither other section nor any other bench uses: how blended.json's values were picked
 
     python bench/ablation.py --threads 1                 # ~1 h on one core, writes docs/bench/ablation.md
     python bench/ablation.py --quick                     # smoke test
     python bench/ablation.py --sections soft --n 80      # one section
+    python bench/ablation.py --sections tune --rows "guidance 7.5"   # some rows of a section
+
+Rows are cached in docs/bench/ablation.json under keys that name the model's defaults they ran with, so
+two processes can share the work (`--rows`) and the tables can be rewritten from the cache alone.
 
 Metrics: top-1 hit (the ranker's first of 4 candidates shows the asked colour and shape inside the mask),
 random-candidate hit (share of all candidates that do: what a 1-candidate edit gets), median PSNR outside the
@@ -43,6 +49,7 @@ from official import official_edit  # noqa: E402
 from quality import psnr_outside, seam_error, thin_case  # noqa: E402
 
 BASE = scenes.HELDOUT_SEED_START + 700_000  # apart from quality.py (+500k) and demo_eval.py (+0..50k)
+TUNE_BASE = scenes.HELDOUT_SEED_START + 800_000  # validation seeds: the defaults were picked here, judged at BASE
 CACHE = ROOT / "docs" / "bench" / "ablation.json"
 
 
@@ -82,9 +89,20 @@ def evaluate(edit_fn, cases) -> dict:
         rows.append(dict(top=hits[0], mean=float(np.mean(hits)), psnr=psnr_outside(top, image, mask),
                          seam=seam_error(top, image, mask), band=band_seam(top, image, mask), seconds=dt))
     return dict(top=float(np.mean([r["top"] for r in rows])), mean=float(np.mean([r["mean"] for r in rows])),
+                tops="".join("1" if r["top"] else "0" for r in rows),  # per edit, for paired comparisons
                 psnr=float(statistics.median([r["psnr"] for r in rows])),
                 seam=float(np.mean([r["seam"] for r in rows])), band=float(np.mean([r["band"] for r in rows])),
                 seconds=float(statistics.median([r["seconds"] for r in rows])), n=len(rows))
+
+
+def paired(a: dict, b: dict) -> str:
+    """b's top-1 minus a's on the same edits, with a 95 % interval (normal approximation of the paired
+    difference): "-0.012 (-0.03 to 0.01)"; "-" when a row lacks per-edit results."""
+    if "tops" not in a or "tops" not in b or len(a["tops"]) != len(b["tops"]):
+        return "-"
+    d = np.array([int(y) - int(x) for x, y in zip(a["tops"], b["tops"])], dtype=np.float64)
+    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0
+    return f"{d.mean():+.3f} ({d.mean() - half:+.3f} to {d.mean() + half:+.3f})"
 
 
 def engine_fn(editor, mask_image=None, **settings):
@@ -149,18 +167,37 @@ def grey_image(mask: np.ndarray) -> Image.Image:
     return Image.fromarray((grey_mask(mask) * 255).round().astype(np.uint8))
 
 
-SOFT_LOOP = dict(background_noise="fixed", background_timestep="next")  # the loop the soft section was measured with
 SOFT_ROWS = [  # (label, settings, mask_image(mask) or None)
     ("hard mask, blur 0 (default)", {}, None),
-    ("mask_blur 4", dict(mask_blur=4.0), None),
-    ("mask_blur 8", dict(mask_blur=8.0), None),
-    ("mask_blur 16", dict(mask_blur=16.0), None),
-    ("mask_blur 8, shrinking off", dict(mask_blur=8.0, shrink=False), None),
-    ("mask_blur 8, core_steps 0", dict(mask_blur=8.0, core_steps=0.0), None),
-    ("symmetric blur 8 (A1111's), grey mask", dict(soft_mask=True), lambda m: symmetric_blur(m, 8.0)),
-    ("symmetric blur 8 (A1111's), shrinking off", dict(soft_mask=True, shrink=False), lambda m: symmetric_blur(m, 8.0)),
+    ("mask_blur 4: the composite (default use)", dict(mask_blur=4.0), None),
+    ("mask_blur 8: the composite", dict(mask_blur=8.0), None),
+    ("mask_blur 16: the composite", dict(mask_blur=16.0), None),
+    ("mask_blur 4 + soft_mask: the loop too", dict(mask_blur=4.0, soft_mask=True), None),
+    ("mask_blur 8 + soft_mask: the loop too", dict(mask_blur=8.0, soft_mask=True), None),
+    ("mask_blur 8 + soft_mask, shrinking off", dict(mask_blur=8.0, soft_mask=True, shrink=False), None),
+    ("mask_blur 8 + soft_mask, core_steps 0", dict(mask_blur=8.0, soft_mask=True, core_steps=0.0), None),
+    ("symmetric blur 8 (A1111's), grey mask, soft_mask", dict(soft_mask=True), lambda m: symmetric_blur(m, 8.0)),
     ("grey-level mask (6 px ramp inside), soft_mask", dict(soft_mask=True), grey_image),
     ("grey-level mask, thresholded (soft_mask off)", {}, grey_image),
+]
+
+TUNE_ROWS = [  # (label, settings): absolute values of what blended.json recommends, so rows keep their meaning
+    ("guidance 5, core_steps 0.5 (the previous recommendation)", dict(guidance_scale=5.0, core_steps=0.5)),
+    ("guidance 3", dict(guidance_scale=3.0, core_steps=0.5)),
+    ("guidance 7.5", dict(guidance_scale=7.5, core_steps=0.5)),
+    ("guidance 10", dict(guidance_scale=10.0, core_steps=0.5)),
+    ("core_steps 0.3", dict(guidance_scale=5.0, core_steps=0.3)),
+    ("core_steps 0.7", dict(guidance_scale=5.0, core_steps=0.7)),
+    ("30 steps", dict(guidance_scale=5.0, core_steps=0.5, num_inference_steps=30)),
+    ("50 steps", dict(guidance_scale=5.0, core_steps=0.5, num_inference_steps=50)),
+    ("shrinking off", dict(guidance_scale=5.0, core_steps=0.5, shrink=False)),
+    ("start: pure noise", dict(guidance_scale=5.0, core_steps=0.5, start_from="noise")),
+    ("scheduler dpm++", dict(guidance_scale=5.0, core_steps=0.5, scheduler="dpm++")),
+    ("scheduler euler", dict(guidance_scale=5.0, core_steps=0.5, scheduler="euler")),
+    ("guidance 7.5, core_steps 0.6", dict(guidance_scale=7.5, core_steps=0.6)),
+    ("guidance 7.5, core_steps 0.7 (adopted)", dict(guidance_scale=7.5, core_steps=0.7)),
+    ("guidance 10, core_steps 0.7", dict(guidance_scale=10.0, core_steps=0.7)),
+    ("guidance 7.5, scheduler dpm++", dict(guidance_scale=7.5, core_steps=0.5, scheduler="dpm++")),
 ]
 
 
@@ -168,8 +205,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--n", type=int, default=160, help="held-out edits per row of the loop section (and half as many thin masks)")
-    ap.add_argument("--n-soft", type=int, default=80, help="held-out edits per row of the soft section")
-    ap.add_argument("--sections", default="loop,soft")
+    ap.add_argument("--n-soft", type=int, default=480, help="held-out edits per row of the soft section")
+    ap.add_argument("--n-tune", type=int, default=160, help="validation edits per row of the tune section")
+    ap.add_argument("--sections", default="loop,soft,tune")
     ap.add_argument("--rows", default=None, help="only rows whose label matches one of these comma-separated regexes")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fresh", action="store_true", help="ignore the cached rows in docs/bench/ablation.json")
@@ -189,6 +227,7 @@ def main() -> None:
     pin = dict(background="none")
     want = lambda label: args.rows is None or any(re.search(w, label) for w in args.rows.split(",") if w)  # noqa: E731
     out = []
+    sig = f"g{d.guidance_scale}-c{d.core_steps}-s{d.num_inference_steps}"  # rows depend on the model's defaults
     head = (f"Demo model (`assets/demo`) with its defaults ({d.num_candidates} candidates, {d.num_inference_steps} "
             f"{d.scheduler} steps, guidance {d.guidance_scale}, blend_start {d.blend_start}, core_steps {d.core_steps}), "
             f"{n} held-out edits and {len(thin)} thin masks per row of the loop section; CPU, {torch.get_num_threads()} "
@@ -200,8 +239,8 @@ def main() -> None:
             if not want(label):
                 continue
             fn = official_fn(editor) if settings is None else engine_fn(editor, **{**pin, **settings})
-            r = cached(cache, f"loop|{label}|{n}", lambda: evaluate(fn, cases))
-            t = cached(cache, f"loop-thin|{label}|{n}", lambda: evaluate(fn, thin)) if with_thin else {}
+            r = cached(cache, f"loop|{sig}|{label}|{n}", lambda: evaluate(fn, cases))
+            t = cached(cache, f"loop-thin|{sig}|{label}|{n}", lambda: evaluate(fn, thin)) if with_thin else {}
             if not r:
                 continue
             rows.append([label, r["top"], r["mean"], r["psnr"], r["seam"], r["band"], t.get("top", "-"),
@@ -215,24 +254,41 @@ def main() -> None:
 
     if "soft" in args.sections:
         rows = []
-        soft_cases = cases[: 3 if args.quick else args.n_soft] if args.n_soft <= n else \
-            [scenes.make_edit_case(BASE + i) for i in range(args.n_soft)]
+        n_soft = 3 if args.quick else args.n_soft
+        soft_cases = cases[:n_soft] if n_soft <= n else [scenes.make_edit_case(BASE + i) for i in range(n_soft)]
+        hard = {}  # the first row, what the others are compared with edit by edit
         for label, settings, mask_image in SOFT_ROWS:
             if not want(label):
                 continue
-            fn = engine_fn(editor, mask_image, **{**SOFT_LOOP, **settings})  # the default background: the composite takes part
-            r = cached(cache, f"soft|{label}|{len(soft_cases)}", lambda: evaluate(fn, soft_cases))
+            fn = engine_fn(editor, mask_image, **settings)  # the default background: the composite takes part
+            r = cached(cache, f"soft|{sig}|{label}|{len(soft_cases)}", lambda: evaluate(fn, soft_cases))
             if not r:
                 continue
-            rows.append([label, r["top"], r["mean"], r["psnr"], r["seam"], r["band"], r["seconds"]])
+            hard = hard or r
+            rows.append([label, r["top"], paired(hard, r), r["mean"], r["psnr"], r["seam"], r["band"], r["seconds"]])
         out.append(f"## Soft masks ({len(soft_cases)} edits)\n\nWith the model's default background (`{d.background}`: "
                    "the upload exactly where the edit's weight is 0; a soft mask's strengths weigh the final composite "
                    "instead of the feather band), so PSNR outside the mask and the seam are those of the final image.\n\n" + table(
-            ["mask", "top-1 hit", "random-candidate hit", "median PSNR outside dB", "seam", "seam band 8 px",
-             "median s / edit"], rows))
+            ["mask", "top-1 hit", "top-1 against the hard mask (95 % interval)", "random-candidate hit",
+             "median PSNR outside dB", "seam", "seam band 8 px", "median s / edit"], rows))
         if not args.quick and args.rows is None:
-            strip(editor, cases, SOFT_LOOP)
+            strip(editor, cases, {})
             out.append("![the same edit at mask_blur 0, 8, 16](ablation_blur.png)")
+
+    if "tune" in args.sections:
+        rows = []
+        tune_cases = [scenes.make_edit_case(TUNE_BASE + i) for i in range(3 if args.quick else args.n_tune)]
+        for label, settings in TUNE_ROWS:
+            if not want(label):
+                continue
+            r = cached(cache, f"tune|{label}|{len(tune_cases)}", lambda: evaluate(engine_fn(editor, **settings), tune_cases))
+            if r:
+                rows.append([label, r["top"], r["mean"], r["psnr"], r["seam"], r["band"], r["seconds"]])
+        out.append(f"## The model's recommended settings ({len(tune_cases)} validation edits)\n\nOther seeds than the "
+                   "sections above (which judge the result), the new loop, the default background; each row gives "
+                   "its settings in full, so it keeps its meaning when blended.json changes.\n\n" + table(
+            ["settings", "top-1 hit", "random-candidate hit", "median PSNR outside dB", "seam", "seam band 8 px",
+             "median s / edit"], rows))
 
     text = (f"# The blend loop against the official code, and soft masks\n\nCommand: "
             f"`{' '.join(['python bench/ablation.py', *sys.argv[1:]])}`\n\n{head}\n\n" + "\n\n".join(out) + "\n")

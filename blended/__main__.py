@@ -33,8 +33,8 @@ FLAGS = {
                    "native size; more gives large masks more detail (GPU time and memory grow with its square)"),
     "feather": ("--feather", int, "seam band in pixels outside the mask; beyond it the output is the input, bit for bit"),
     "mask_threshold": ("--mask-threshold", float, "mask values above this fraction are edited"),
-    "mask_blur": ("--mask-blur", float, "blur the mask by this many pixels of the image into a soft edit strength "
-                  "(0 = a hard mask)"),
+    "mask_blur": ("--mask-blur", float, "fade the edit into the image over a Gaussian blur of the mask's edge of this "
+                  "many pixels, outwards (0 = the --feather band)"),
 }
 
 
@@ -77,8 +77,9 @@ def _add_edit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--invert-mask", dest="invert_mask", action="store_const", const=True, default=None,
                    help="edit where the mask is black")
     p.add_argument("--soft-mask", dest="soft_mask", action="store_const", const=True, default=None,
-                   help="read the mask's grey levels (or alpha) as edit strengths: grey pixels change only in the "
-                   "last steps and are mixed with the image (instead of thresholding the mask)")
+                   help="read the mask's grey levels (or alpha), and --mask-blur's soft edge, as edit strengths in "
+                   "the denoising loop: weak pixels change only in the last steps and are mixed with the image "
+                   "(instead of thresholding the mask)")
     p.add_argument("--no-rank", dest="rank", action="store_const", const=False, default=None,
                    help="skip CLIP ranking (candidates stay in seed order)")
     p.add_argument("--no-safety-checker", dest="safety_checker", action="store_const", const=False, default=None,

@@ -295,21 +295,31 @@ class Editor:
         # 1. inputs: full-resolution source and mask, the region to edit at work size
         report("encoding", 0, 1)
         source = load_image(image, max_pixels=self.max_pixels)
-        strength = None  # soft masks: (H, W) edit strengths in [0, 1] at full resolution
+        # the mask asked for (`target`: ranking scores it, the loop's core forms content inside it) and, with
+        # `mask_blur` or `soft_mask`, per-pixel strengths whose support is everything the edit may touch
+        strength = None  # (H, W) strengths in [0, 1] at full resolution: the final composite's weights
         if cfg.soft_mask:
             values = load_mask_values(mask, source.size, max_pixels=self.max_pixels)
             strength = strength_map(1 - values if cfg.invert_mask else values, cfg.mask_blur)
             if not strength.any():
                 raise InputError("the mask is empty: paint the region to edit (white or opaque = edit)")
-        full_mask = strength > 0 if strength is not None else load_mask(
-            mask, source.size, threshold=cfg.mask_threshold, invert=cfg.invert_mask, max_pixels=self.max_pixels)
-        if strength is None and cfg.mask_blur > 0:
-            strength = strength_map(full_mask, cfg.mask_blur)
-            full_mask = strength > 0  # the blurred mask's support: everything the edit may touch
+            target = strength >= 0.5
+            if not target.any():  # a faint mask: all of it is the target
+                target = strength > 0
+        else:
+            target = load_mask(mask, source.size, threshold=cfg.mask_threshold, invert=cfg.invert_mask,
+                               max_pixels=self.max_pixels)
+            if cfg.mask_blur > 0:
+                strength = strength_map(target, cfg.mask_blur)
+        full_mask = target if strength is None else strength > 0
         region = plan_region(source.size, full_mask, native=m.native_size, multiple=m.size_multiple,
                              margin=max(cfg.crop_margin, cfg.feather + 1), resolution=cfg.resolution)
-        work_image, work_mask = crop_to_work(source, full_mask, region)
-        work_strength = work_mask if strength is None else crop_strength(strength, region.box, region.work_size)
+        work_image, work_mask = crop_to_work(source, full_mask, region)  # work_mask: the support
+        work_target = work_mask if strength is None else crop_strength(target.astype(np.float32), region.box,
+                                                                        region.work_size) > 0
+        # the loop's strengths: per pixel with `soft_mask` (Differential Diffusion); else the target, hard
+        # (`mask_blur` alone softens only the final composite: docs/benchmarks.md, "Soft masks")
+        work_strength = crop_strength(strength, region.box, region.work_size) if cfg.soft_mask else work_target
         notes = self._prompt_notes(prompt)
         lap("prepare")
 
@@ -325,7 +335,7 @@ class Editor:
         z_mask = latent_strength(work_strength, m.vae_scale_factor, cfg.latent_mask_mode)  # (1, 1, h, w)
         if not z_mask.any():  # "core" of a mask too thin to have one
             z_mask = latent_strength(work_strength, m.vae_scale_factor, "any")
-        z_core = latent_strength(work_strength, m.vae_scale_factor, "core")  # latents wholly inside
+        z_core = latent_strength(work_strength * work_target, m.vae_scale_factor, "core")  # latents wholly inside the target
         masks = mask_schedule(z_mask.to(m.device, m.dtype), len(timesteps), cfg.shrink_kernels, cfg.shrink,
                               z_core.to(m.device, m.dtype), cfg.core_steps)
         seeds = [cfg.seed + i for i in range(cfg.num_candidates)]
@@ -420,7 +430,7 @@ class Editor:
         if cfg.rank and self.ranker is not None and len(candidates) > 1:
             report("ranking", 0, 1)
             try:
-                all_scores = self.ranker.score(images, full_mask, prompt)
+                all_scores = self.ranker.score(images, target, prompt)
             except ModelLoadError as e:  # an edit without ranking beats no edit: keep seed order, say why
                 notes.append(f"ranking skipped: {e}")
             else:

@@ -81,3 +81,16 @@ def test_decoder_memory_quick():
     for line in rows:
         stats, step, peak, rise = numbers("|".join(line.split("|")[5:]))
         assert stats > 0 and step > 0 and 0.1 < peak < 8 and rise >= 0
+
+
+def test_ablation_quick():
+    """The loop section's official and default rows, a soft row of each kind, and the adopted tune row."""
+    out = run("ablation.py", "--rows", r"official,new default$,mask_blur 4: the composite,mask_blur 4 \+ soft_mask,adopted")
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    want = ["official script's loop (bench/official.py)", "fresh noise + own timestep = the new default",
+            "mask_blur 4: the composite (default use)", "mask_blur 4 + soft_mask: the loop too",
+            "guidance 7.5, core_steps 0.7 (adopted)"]
+    assert set(want) <= set(rows)
+    for label in want:
+        top, mean, psnr = numbers(rows[label].split("|", 2)[2])[:3]
+        assert 0 <= top <= 1 and 0 <= mean <= 1 and 10 < psnr <= 150

@@ -97,7 +97,7 @@ def test_hard_mask_blur_0_gives_todays_results_and_soft_settings_change_them(sd1
             sd1_editor.edit(image, mask, "a cat", soft_mask=True, **kw).images]  # a binary mask read as strengths
     for run in same:
         assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(base, run))
-    blurred = sd1_editor.edit(image, mask, "a cat", mask_blur=3.0, **kw).images
+    blurred = sd1_editor.edit(image, mask, "a cat", mask_blur=3.0, soft_mask=True, **kw).images  # blur in the loop
     assert not np.array_equal(np.asarray(blurred[0]), np.asarray(base[0]))
     grey = Image.fromarray((np.asarray(mask) // 2).astype(np.uint8))  # all strength 0.5: thresholded it is empty
     with pytest.raises(InputError):
@@ -119,6 +119,23 @@ def test_soft_composite_keeps_the_source_where_strength_is_0(sd1_editor):
     assert np.array_equal(out[strength == 0], src[strength == 0])  # beyond the blur: the upload, bit for bit
     ring = (strength > 0) & (strength < 1)
     assert ring.any() and not np.array_equal(out[ring], src[ring])  # the blurred ring outside the mask changes
+
+
+def test_mask_blur_alone_softens_the_composite_and_soft_mask_takes_it_into_the_loop(sd1_editor):
+    """`mask_blur` without `soft_mask` keeps the loop's hard mask (the candidates inside the mask are the
+    hard edit's, pixel for pixel) and fades the seam over the blur; with `soft_mask` the blurred strengths
+    steer the loop too (Differential Diffusion), so the edit inside the mask changes."""
+    image, mask = scene(32, 32), box_mask(32, 32, (8, 8, 24, 24))
+    kw = dict(num_candidates=2, num_inference_steps=6, rank=False)
+    inside = np.asarray(mask) > 127
+    hard = sd1_editor.edit(image, mask, "a cat", **kw).images
+    blur = sd1_editor.edit(image, mask, "a cat", mask_blur=3.0, **kw).images
+    loop = sd1_editor.edit(image, mask, "a cat", mask_blur=3.0, soft_mask=True, **kw).images
+    for h, b in zip(hard, blur):
+        assert np.array_equal(np.asarray(h)[inside], np.asarray(b)[inside])
+    ring = (strength_map(inside, 3.0) > 0) & ~inside
+    assert not np.array_equal(np.asarray(hard[0])[ring], np.asarray(blur[0])[ring])  # the seam is faded another way
+    assert not all(np.array_equal(np.asarray(h)[inside], np.asarray(s)[inside]) for h, s in zip(hard, loop))
 
 
 def test_cli_flags_reach_the_settings():

@@ -104,8 +104,8 @@ def settings_widgets(defaults: EditConfig, limits: Limits) -> dict[str, gr.compo
                                  label="Blend start (fraction of the schedule skipped)")
     w["shrink"] = gr.Checkbox(value=defaults.shrink, label="Progressive mask shrinking")
     w["mask_blur"] = gr.Slider(0, 32, step=1, value=defaults.mask_blur, label="Mask blur (px)",
-                               info="Softens the mask's edge over this many pixels of the photo: the edge of the "
-                                    "edit changes less and fades into the photo. 0 = a hard mask.")
+                               info="Fades the edit into the photo over a blur of this many pixels outside the "
+                                    "mask's edge. 0 = the usual 8 px seam band.")
     w["background"] = gr.Dropdown(list(BACKGROUND_METHODS), value=defaults.background,
                                   label="Background reconstruction")
     w["preserve_background"] = gr.Checkbox(
