@@ -9,6 +9,9 @@ Sections (demo model, held-out seeds no other bench uses):
   soft   soft masks: mask_blur 0 / 4 / 8 / 16 px in the final composite alone (the default) or also in the
          loop (`soft_mask`, Differential Diffusion), grey-level masks, with and without shrinking and
          core_steps, with the default background; a picture strip of one edit at blur 0, 8, 16
+  fade   the final composite's weights outside the mask (linear feather, mask_blur's outward Gaussian, a
+         half Gaussian that starts at 1 on the edge) over the same candidates: what the pixels just outside
+         the mask do to the judge and to the seam
   tune   the model's recommended settings (guidance, core_steps, steps, scheduler) on a validation range of
          seeds that neither other section nor any other bench uses: how blended.json's values were picked
 
@@ -23,7 +26,9 @@ two processes can share the work (`--rows`) and the tables can be rewritten from
 Metrics: top-1 hit (the ranker's first of 4 candidates shows the asked colour and shape inside the mask),
 random-candidate hit (share of all candidates that do: what a 1-candidate edit gets), median PSNR outside the
 mask, seam error (mean |gradient jump| on the ring just outside the mask, quality.py's), the same on a band
-of 8 px outside the mask, and thin masks (4-8 px strokes, colour only).
+of 8 px outside the mask, and thin masks (4-8 px strokes, colour only). The judge (tools/analyse.py) looks
+at the mask grown by 2 px, since objects drawn by the loop reach a little past it; the soft and fade
+sections also judge the top-1 on the asked pixels alone (which a soft edge in the composite alone leaves as they are).
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ import scenes  # noqa: E402
 from analyse import analyse_region  # noqa: E402
 from official import official_edit  # noqa: E402
 from quality import psnr_outside, seam_error, thin_case  # noqa: E402
+
+from blended.images import composite, seam_weights  # noqa: E402
+from blended.masks import strength_map  # noqa: E402
 
 BASE = scenes.HELDOUT_SEED_START + 700_000  # apart from quality.py (+500k) and demo_eval.py (+0..50k)
 TUNE_BASE = scenes.HELDOUT_SEED_START + 800_000  # validation seeds: the defaults were picked here, judged at BASE
@@ -85,22 +93,27 @@ def evaluate(edit_fn, cases) -> dict:
         for im in ims:
             c, s = analyse_region(np.asarray(im), mask)
             hits.append(c == colour and (shape is None or s == shape))
+        c, s = analyse_region(np.asarray(ims[0]), mask, grow=0)  # strict: the asked pixels alone
         top = np.asarray(ims[0])
-        rows.append(dict(top=hits[0], mean=float(np.mean(hits)), psnr=psnr_outside(top, image, mask),
+        rows.append(dict(top=hits[0], strict=c == colour and (shape is None or s == shape),
+                         mean=float(np.mean(hits)), psnr=psnr_outside(top, image, mask),
                          seam=seam_error(top, image, mask), band=band_seam(top, image, mask), seconds=dt))
     return dict(top=float(np.mean([r["top"] for r in rows])), mean=float(np.mean([r["mean"] for r in rows])),
                 tops="".join("1" if r["top"] else "0" for r in rows),  # per edit, for paired comparisons
+                strict=float(np.mean([r["strict"] for r in rows])),
+                stricts="".join("1" if r["strict"] else "0" for r in rows),
                 psnr=float(statistics.median([r["psnr"] for r in rows])),
                 seam=float(np.mean([r["seam"] for r in rows])), band=float(np.mean([r["band"] for r in rows])),
                 seconds=float(statistics.median([r["seconds"] for r in rows])), n=len(rows))
 
 
-def paired(a: dict, b: dict) -> str:
+def paired(a: dict, b: dict, key: str = "tops") -> str:
     """b's top-1 minus a's on the same edits, with a 95 % interval (normal approximation of the paired
-    difference): "-0.012 (-0.03 to 0.01)"; "-" when a row lacks per-edit results."""
-    if "tops" not in a or "tops" not in b or len(a["tops"]) != len(b["tops"]):
+    difference): "-0.012 (-0.03 to 0.01)"; "-" when a row lacks per-edit results. `key`: "tops" (the
+    judge's 2 px of grace around the mask) or "stricts" (the asked pixels alone)."""
+    if key not in a or key not in b or len(a[key]) != len(b[key]):
         return "-"
-    d = np.array([int(y) - int(x) for x, y in zip(a["tops"], b["tops"])], dtype=np.float64)
+    d = np.array([int(y) - int(x) for x, y in zip(a[key], b[key])], dtype=np.float64)
     half = 1.96 * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0
     return f"{d.mean():+.3f} ({d.mean() - half:+.3f} to {d.mean() + half:+.3f})"
 
@@ -174,12 +187,55 @@ SOFT_ROWS = [  # (label, settings, mask_image(mask) or None)
     ("mask_blur 16: the composite", dict(mask_blur=16.0), None),
     ("mask_blur 4 + soft_mask: the loop too", dict(mask_blur=4.0, soft_mask=True), None),
     ("mask_blur 8 + soft_mask: the loop too", dict(mask_blur=8.0, soft_mask=True), None),
+    ("mask_blur 16 + soft_mask: the loop too", dict(mask_blur=16.0, soft_mask=True), None),
     ("mask_blur 8 + soft_mask, shrinking off", dict(mask_blur=8.0, soft_mask=True, shrink=False), None),
     ("mask_blur 8 + soft_mask, core_steps 0", dict(mask_blur=8.0, soft_mask=True, core_steps=0.0), None),
     ("symmetric blur 8 (A1111's), grey mask, soft_mask", dict(soft_mask=True), lambda m: symmetric_blur(m, 8.0)),
     ("grey-level mask (6 px ramp inside), soft_mask", dict(soft_mask=True), grey_image),
     ("grey-level mask, thresholded (soft_mask off)", {}, grey_image),
 ]
+
+def half_gaussian(mask: np.ndarray, sigma: float) -> np.ndarray:
+    """Weights 1 inside the mask and exp(-d^2 / 2 sigma^2) at d px outside it, 0 beyond 3 sigma: a fade that
+    starts at full strength on the mask's edge (the alternative to `strength_map`'s 0.5 there)."""
+    import cv2
+
+    d = cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    return np.where(d > 3 * sigma, 0.0, np.exp(-d * d / (2 * sigma * sigma))).astype(np.float32)
+
+
+FADE_ROWS = [  # (label, mask -> weights of the edit in the final composite), on the same candidates
+    ("linear feather 8 px (a hard mask's default seam band)", lambda m: seam_weights(m, 8)),
+    ("linear feather 4 px", lambda m: seam_weights(m, 4)),
+    ("linear feather 2 px", lambda m: seam_weights(m, 2)),
+    ("mask_blur 2 (outward Gaussian blur: 0.5 on the edge)", lambda m: strength_map(m, 2.0)),
+    ("mask_blur 4", lambda m: strength_map(m, 4.0)),
+    ("mask_blur 8", lambda m: strength_map(m, 8.0)),
+    ("half Gaussian sigma 2 (1 on the edge)", lambda m: half_gaussian(m, 2.0)),
+    ("half Gaussian sigma 4", lambda m: half_gaussian(m, 4.0)),
+]
+
+
+def fade_fn(editor, weights, raw: dict):
+    """The final composite with other `weights` over the same candidates: each case is edited once
+    (background "none": the raw decode of the whole demo scene, which `stitch` composites), then composited
+    and ranked as `Editor.edit` does."""
+    def edit(image, case):
+        _, mask, prompt, _, _ = case
+        key = (image.tobytes(), mask.tobytes(), prompt)
+        if key not in raw:
+            r = editor.edit(Image.fromarray(image), Image.fromarray(mask.astype(np.uint8) * 255), prompt,
+                            background="none")
+            assert r.region.whole, "the fade section needs scenes edited whole"
+            raw[key] = (r.region, r.images)
+        region, decodes = raw[key]
+        w = weights(mask)
+        ims = [composite(Image.fromarray(image), im, region, w) for im in decodes]
+        scores = editor.ranker.score(ims, mask, prompt)
+        order = sorted(range(len(ims)), key=lambda i: -scores[i]["score"])
+        return [ims[i] for i in order]
+    return edit
+
 
 TUNE_ROWS = [  # (label, settings): absolute values of what blended.json recommends, so rows keep their meaning
     ("guidance 5, core_steps 0.5 (the previous recommendation)", dict(guidance_scale=5.0, core_steps=0.5)),
@@ -207,7 +263,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=160, help="held-out edits per row of the loop section (and half as many thin masks)")
     ap.add_argument("--n-soft", type=int, default=480, help="held-out edits per row of the soft section")
     ap.add_argument("--n-tune", type=int, default=160, help="validation edits per row of the tune section")
-    ap.add_argument("--sections", default="loop,soft,tune")
+    ap.add_argument("--sections", default="loop,soft,fade,tune")
     ap.add_argument("--rows", default=None, help="only rows whose label matches one of these comma-separated regexes")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fresh", action="store_true", help="ignore the cached rows in docs/bench/ablation.json")
@@ -265,15 +321,34 @@ def main() -> None:
             if not r:
                 continue
             hard = hard or r
-            rows.append([label, r["top"], paired(hard, r), r["mean"], r["psnr"], r["seam"], r["band"], r["seconds"]])
+            rows.append([label, r["top"], paired(hard, r), r.get("strict", "-"), paired(hard, r, "stricts"), r["mean"],
+                         r["psnr"], r["seam"], r["band"], r["seconds"]])
         out.append(f"## Soft masks ({len(soft_cases)} edits)\n\nWith the model's default background (`{d.background}`: "
                    "the upload exactly where the edit's weight is 0; a soft mask's strengths weigh the final composite "
                    "instead of the feather band), so PSNR outside the mask and the seam are those of the final image.\n\n" + table(
-            ["mask", "top-1 hit", "top-1 against the hard mask (95 % interval)", "random-candidate hit",
+            ["mask", "top-1 hit", "against the hard mask (95 % interval)", "top-1 hit, asked pixels alone",
+             "against the hard mask (95 % interval)", "random-candidate hit",
              "median PSNR outside dB", "seam", "seam band 8 px", "median s / edit"], rows))
         if not args.quick and args.rows is None:
             strip(editor, cases, {})
             out.append("![the same edit at mask_blur 0, 8, 16](ablation_blur.png)")
+
+    if "fade" in args.sections:
+        rows, raw, first = [], {}, {}
+        for label, weights in FADE_ROWS:
+            if not want(label):
+                continue
+            r = cached(cache, f"fade|{sig}|{label}|{len(cases)}", lambda: evaluate(fade_fn(editor, weights, raw), cases))
+            if not r:
+                continue
+            first = first or r
+            rows.append([label, r["top"], paired(first, r), r["strict"], r["mean"], r["psnr"], r["seam"], r["band"]])
+        out.append(f"## The seam band's profile ({len(cases)} edits)\n\nThe same candidates (one edit per case), "
+                   "composited with other weights outside the mask and ranked again: what the pixels just outside "
+                   "the mask do to the judge and to the seam. Inside the mask every row has the same pixels.\n\n" + table(
+            ["weights outside the mask", "top-1 hit", "against the first row (95 % interval)",
+             "top-1 hit, asked pixels alone", "random-candidate hit", "median PSNR outside dB", "seam",
+             "seam band 8 px"], rows))
 
     if "tune" in args.sections:
         rows = []

@@ -84,14 +84,19 @@ def test_decoder_memory_quick():
 
 
 def test_ablation_quick():
-    """The loop section's official and default rows, a soft row of each kind, and the adopted tune row."""
-    out = run("ablation.py", "--rows", r"official,new default$,mask_blur 4: the composite,mask_blur 4 \+ soft_mask,adopted")
+    """The loop section's official and default rows, a soft row of each kind, two seam-band profiles on the
+    same candidates, and the adopted tune row."""
+    out = run("ablation.py", "--rows", r"official,new default$,mask_blur 4: the composite,mask_blur 4 \+ soft_mask,"
+              r"linear feather 8,half Gaussian sigma 2,adopted")
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
-    want = ["official script's loop (bench/official.py)", "fresh noise + own timestep = the new default",
-            "mask_blur 4: the composite (default use)", "mask_blur 4 + soft_mask: the loop too",
-            "guidance 7.5, core_steps 0.7 (adopted)"]
-    assert set(want) <= set(rows)
-    for label in want:
-        cells = [c for c in rows[label].split("|")[2:-1] if " to " not in c]  # not the paired-difference column
-        top, mean, psnr = (float(c) for c in cells[:3])
+    plain = ["official script's loop (bench/official.py)", "fresh noise + own timestep = the new default",
+             "guidance 7.5, core_steps 0.7 (adopted)"]  # top-1, random candidate, PSNR
+    strict = ["mask_blur 4: the composite (default use)", "mask_blur 4 + soft_mask: the loop too",
+              "linear feather 8 px (a hard mask's default seam band)", "half Gaussian sigma 2 (1 on the edge)"]
+    assert set(plain + strict) <= set(rows)
+    for label in plain + strict:
+        cells = [float(c) for c in rows[label].split("|")[2:-1] if " to " not in c]  # not the paired differences
+        top, mean, psnr = (cells[0], cells[2], cells[3]) if label in strict else cells[:3]
         assert 0 <= top <= 1 and 0 <= mean <= 1 and 10 < psnr <= 150
+        if label in strict:  # top-1 judged on the asked pixels alone
+            assert 0 <= cells[1] <= 1
