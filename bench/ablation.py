@@ -89,14 +89,13 @@ def evaluate(edit_fn, cases) -> dict:
         t = time.perf_counter()
         ims = edit_fn(image, case)
         dt = time.perf_counter() - t
-        hits = []
-        for im in ims:
-            c, s = analyse_region(np.asarray(im), mask)
-            hits.append(c == colour and (shape is None or s == shape))
-        c, s = analyse_region(np.asarray(ims[0]), mask, grow=0)  # strict: the asked pixels alone
+        def hit(im, grow=2):  # grow 0: the asked pixels alone
+            c, s = analyse_region(np.asarray(im), mask, grow=grow)
+            return c == colour and (shape is None or s == shape)
+        hits = [hit(im) for im in ims]
         top = np.asarray(ims[0])
-        rows.append(dict(top=hits[0], strict=c == colour and (shape is None or s == shape),
-                         mean=float(np.mean(hits)), psnr=psnr_outside(top, image, mask),
+        rows.append(dict(top=hits[0], strict=hit(ims[0], grow=0), mean=float(np.mean(hits)),
+                         psnr=psnr_outside(top, image, mask),
                          seam=seam_error(top, image, mask), band=band_seam(top, image, mask), seconds=dt))
     return dict(top=float(np.mean([r["top"] for r in rows])), mean=float(np.mean([r["mean"] for r in rows])),
                 tops="".join("1" if r["top"] else "0" for r in rows),  # per edit, for paired comparisons
@@ -194,6 +193,7 @@ SOFT_ROWS = [  # (label, settings, mask_image(mask) or None)
     ("grey-level mask (6 px ramp inside), soft_mask", dict(soft_mask=True), grey_image),
     ("grey-level mask, thresholded (soft_mask off)", {}, grey_image),
 ]
+
 
 def half_gaussian(mask: np.ndarray, sigma: float) -> np.ndarray:
     """Weights 1 inside the mask and exp(-d^2 / 2 sigma^2) at d px outside it, 0 beyond 3 sigma: a fade that
