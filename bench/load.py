@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -46,14 +47,19 @@ def app_server(env: dict[str, str], model: str = "demo", timeout: float = 120.0)
     """`python app.py --model MODEL` on a free port with extra environment `env`; yields (url, pid)."""
     port = free_port()
     full_env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", **env)
+    # the app's log goes to a file, not a pipe: nobody reads a pipe while the app serves, and a full one
+    # (64 KiB) would block the app's next write; BLENDED_APP_LOG keeps it for a look after a failure
+    log_path = os.environ.get("BLENDED_APP_LOG")
+    log = open(log_path, "w+b") if log_path else tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", model, "--port", str(port)],
-                            cwd=ROOT, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            cwd=ROOT, env=full_env, stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.time() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError("the app exited: " + proc.stderr.read().decode()[-2000:])
+                log.seek(0)
+                raise RuntimeError("the app exited: " + log.read().decode(errors="replace")[-2000:])
             try:
                 with urllib.request.urlopen(url + "config", timeout=2):
                     break
@@ -65,6 +71,7 @@ def app_server(env: dict[str, str], model: str = "demo", timeout: float = 120.0)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        log.close()
 
 
 def settings(user: int, k: int) -> dict:
