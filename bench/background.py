@@ -295,7 +295,7 @@ def part_c(divisor: int, size: int, mask_side: int, steps: dict[str, int], verif
         unet(x, 500, emb)
         t_unet = statistics.median(timed(lambda: unet(x, 500, emb)) for _ in range(3))
         t_decode = statistics.median(timed(lambda: vae.decode(torch.randn(n, 4, h, h))) for _ in range(3))
-    from blended.editor import first_step
+    from blended.schedulers import first_step
 
     denoise_steps = 50 - first_step(50, 0.25)  # the default edit: 50 steps, blend_start 0.25 -> 37 run
     generation = denoise_steps * t_unet + t_decode

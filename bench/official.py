@@ -36,6 +36,7 @@ def official_latents(editor, image: Image.Image, mask: np.ndarray, prompt: str, 
                      seed: int = 0) -> torch.Tensor:
     """The script's `edit_image` up to the final latents, (num_candidates, C, h, w)."""
     from diffusers import DDIMScheduler
+    from blended.unet_call import encode_prompt
 
     m, pipe = editor.model, editor.model.pipe
     size = m.native_size
@@ -50,7 +51,7 @@ def official_latents(editor, image: Image.Image, mask: np.ndarray, prompt: str, 
     latent_mask = torch.from_numpy((np.asarray(small, dtype=np.float32) / 255 >= 0.5).astype(np.float32))
     latent_mask = latent_mask[None, None].to(m.device, m.dtype)
     # text: the prompt and the empty prompt for guidance, (2B, 77, D)
-    cond = editor._encode_prompt(prompt, "", True, (size, size))["encoder_hidden_states"]
+    cond = encode_prompt(m, prompt, "", True, (size, size)).encoder_hidden_states
     text_embeddings = cond.repeat_interleave(num_candidates, 0)
     # the start: pure noise
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_candidates)]

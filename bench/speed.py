@@ -119,7 +119,7 @@ def main() -> None:
     generation = med([s["encode"] + s["denoise"] + s["decode"] for s in full])
     decoder_ratio = med([s["background"] for s in full]) / generation
     # the same edit with the default 50 steps: the denoise time scaled by the denoising steps run (37 vs 9)
-    from blended.editor import first_step
+    from blended.schedulers import first_step
 
     scale = (50 - first_step(50, blend_start)) / (steps - first_step(steps, blend_start))
     generation_50 = med([s["encode"] + s["denoise"] * scale + s["decode"] for s in full])

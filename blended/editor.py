@@ -19,6 +19,8 @@ from .images import (DEFAULT_MAX_PIXELS, ImageLike, Region, composite, crop_to_w
 from .masks import crop_strength, latent_strength, mask_schedule, strength_map
 from .models import DEFAULT_MODEL, LoadedModel, load_model
 from .sampler import blend_loop
+from .schedulers import schedule
+from .unet_call import encode_prompt, make_denoise
 
 Preview = Callable[[int, int, list[Image.Image]], None]  # (done steps, total steps, preview images)
 Progress = Callable[[str, int, int], None]  # (stage, done, total); stages: encoding, denoising, decoding, reconstructing, ranking
@@ -65,43 +67,6 @@ class EditResult:
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "notes": self.notes,
         }
-
-
-def make_scheduler(pipe: Any, name: str) -> Any:
-    """A fresh scheduler for one edit (schedulers hold per-run state) built from the checkpoint's config."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
-
-    if name == "ddim":
-        return DDIMScheduler.from_config(pipe.scheduler.config)
-    if name == "dpm++":
-        return DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
-    if name == "euler":
-        return EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    raise InputError(f"unknown scheduler '{name}'")
-
-
-def first_step(num_inference_steps: int, blend_start: float) -> int:
-    """Index of the first timestep used: diffusers' img2img rule at strength = 1 - blend_start, except that
-    at least one step always runs (img2img would run none for, e.g., 1 step at strength 0.75)."""
-    kept = min(int(num_inference_steps * (1.0 - blend_start)), num_inference_steps)
-    return num_inference_steps - max(kept, 1)
-
-
-def schedule(pipe: Any, name: str, num_inference_steps: int, blend_start: float,
-             device: Any = None) -> tuple[Any, Any, torch.Tensor]:
-    """Fresh (scheduler, noiser, timesteps) for one run of the loop.
-
-    The scheduler steps from the first timestep used; the noiser only serves `add_noise`, which looks
-    each timestep up in its schedule (multistep schedulers would otherwise use their current step).
-    """
-    sched = make_scheduler(pipe, name)
-    sched.set_timesteps(num_inference_steps, device=device)
-    start = first_step(num_inference_steps, blend_start) * sched.order
-    if hasattr(sched, "set_begin_index"):
-        sched.set_begin_index(start)
-    noiser = make_scheduler(pipe, name)
-    noiser.set_timesteps(num_inference_steps, device=device)
-    return sched, noiser, sched.timesteps[start:]
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -169,23 +134,6 @@ class Editor:
         vae = self.model.pipe.vae
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample.float()
-
-    def _encode_prompt(self, prompt: str, negative_prompt: str, cfg: bool, size: tuple[int, int]) -> dict:
-        """Text embeddings (negative first when guided) and, for SDXL, the added conditions."""
-        pipe, dev = self.model.pipe, self.model.device
-        if self.model.is_sdxl:
-            emb, neg, pooled, neg_pooled = pipe.encode_prompt(
-                prompt=prompt, device=dev, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
-                negative_prompt=negative_prompt)
-            w, h = size
-            time_ids = pipe._get_add_time_ids((h, w), (0, 0), (h, w), dtype=emb.dtype,
-                                              text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
-            if cfg:
-                emb, pooled, time_ids = torch.cat([neg, emb]), torch.cat([neg_pooled, pooled]), time_ids.repeat(2, 1)
-            return {"encoder_hidden_states": emb,
-                    "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(dev)}}
-        emb, neg = pipe.encode_prompt(prompt, dev, 1, cfg, negative_prompt)
-        return {"encoder_hidden_states": torch.cat([neg, emb]) if cfg else emb}
 
     def _prompt_notes(self, prompt: str) -> list[str]:
         tok = self.model.pipe.tokenizer
@@ -327,7 +275,7 @@ class Editor:
         x_source = _to_tensor(work_image).to(m.device)  # (1, 3, H, W)
         z_init = self._vae_encode(x_source)  # (1, C, H/f, W/f)
         guided = cfg.guidance_scale > 1.0
-        cond = self._encode_prompt(prompt, cfg.negative_prompt, guided, region.work_size)
+        cond = encode_prompt(m, prompt, cfg.negative_prompt, guided, region.work_size)
         lap("encode")
 
         # 3. latent masks: edit strength per latent, then one mask per step (soft thresholds, shrinking, core)
@@ -360,20 +308,7 @@ class Editor:
 
             noise = draw()
             fresh_noise = (lambda i, draw=draw: draw()) if cfg.background_noise == "fresh" else None
-            b = len(chunk)
-            batch_cond = {"encoder_hidden_states": cond["encoder_hidden_states"].repeat_interleave(b, 0)}
-            if "added_cond_kwargs" in cond:
-                batch_cond["added_cond_kwargs"] = {k: v.repeat_interleave(b, 0)
-                                                   for k, v in cond["added_cond_kwargs"].items()}
-
-            def denoise(latents: torch.Tensor, t: torch.Tensor, sched=sched, batch_cond=batch_cond) -> torch.Tensor:
-                x = torch.cat([latents, latents]) if guided else latents
-                x = sched.scale_model_input(x, t)
-                noise_pred = pipe.unet(x, t, return_dict=False, **batch_cond)[0]
-                if guided:
-                    uncond, text = noise_pred.chunk(2)
-                    noise_pred = uncond + cfg.guidance_scale * (text - uncond)
-                return noise_pred
+            denoise = make_denoise(pipe.unet, sched, cond.repeat(len(chunk)), cfg.guidance_scale)
 
             x0 = [None]  # the last step's clean-latent estimate, kept only for the preview
 

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from blended import EditCancelled, Editor, InputError, ModelLoadError, load_model
-from blended.editor import make_scheduler, schedule
+from blended.schedulers import make_scheduler, schedule
 from blended.masks import core_mask, latent_mask, mask_schedule
 from blended.sampler import blend_loop
 from conftest import box_mask, scene

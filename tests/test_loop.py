@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from blended.config import SCHEDULERS
-from blended.editor import schedule
+from blended.schedulers import schedule
 from blended.masks import dilate, latent_mask, mask_schedule
 from blended.sampler import blend_loop, pure_noise
 from conftest import box_mask, scene

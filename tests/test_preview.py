@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from blended.editor import make_scheduler
+from blended.schedulers import make_scheduler
 from blended.preview import PREVIEW_SIDE, Previewer, colour_chart, latent_rgb_map, predicted_x0
 from conftest import box_mask, scene
 

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from blended import EditConfig, Editor
-from blended.editor import first_step
+from blended.schedulers import first_step
 
 
 @torch.no_grad()

@@ -1,0 +1,84 @@
+"""The one place the UNet is called: every model-specific input of a denoising evaluation lives here.
+
+`encode_prompt` turns a prompt into a `Conditioning` (SDXL adds its pooled embeddings and size ids);
+`make_denoise` returns the `(latents, t) -> noise_pred` callable that `sampler.blend_loop` takes, with
+classifier-free guidance. Inputs that other kinds of checkpoints need are fields of `Conditioning`:
+a few-step (LCM-distilled) UNet's `timestep_cond`, a 9-channel inpainting UNet's extra channels, LoRA
+`cross_attention_kwargs`; adding one is a field here and a line in `denoise`, nothing in `Editor._edit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from .sampler import Denoise
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the UNet reads besides latents and t, for one candidate (`repeat` makes a chunk's).
+
+    With guidance every tensor holds the negative (unconditional) rows first, then the prompt's.
+    """
+
+    encoder_hidden_states: torch.Tensor  # (G, L, D); G = 2 when guided, else 1
+    guided: bool = False  # rows hold the negative prompt's conditions first (classifier-free guidance)
+    added_cond_kwargs: Optional[dict[str, torch.Tensor]] = None  # SDXL: text_embeds (G, P), time_ids (G, 6)
+    timestep_cond: Optional[torch.Tensor] = None  # LCM-distilled UNets (`time_cond_proj_dim`): (G, D_cond)
+    extra_channels: Optional[torch.Tensor] = None  # 9-channel inpainting UNets: (G, 1 + C, h, w) mask, masked source latents
+    cross_attention_kwargs: Optional[dict[str, Any]] = None  # e.g. {"scale": w} for LoRAs
+
+    def repeat(self, batch: int) -> "Conditioning":
+        """Each row repeated `batch` times (negatives first, then prompts), the layout of `cat([x, x])`."""
+        def rep(t):
+            return None if t is None else t.repeat_interleave(batch, 0)
+
+        return dataclasses.replace(
+            self, encoder_hidden_states=rep(self.encoder_hidden_states), timestep_cond=rep(self.timestep_cond),
+            extra_channels=rep(self.extra_channels),
+            added_cond_kwargs=None if self.added_cond_kwargs is None else
+            {k: rep(v) for k, v in self.added_cond_kwargs.items()})
+
+
+def encode_prompt(model: Any, prompt: str, negative_prompt: str, guided: bool, size: tuple[int, int]) -> Conditioning:
+    """Text embeddings of `prompt` (negative first when `guided`) and SDXL's added conditions for a (W, H) `size`."""
+    pipe, dev = model.pipe, model.device
+    if model.is_sdxl:
+        emb, neg, pooled, neg_pooled = pipe.encode_prompt(
+            prompt=prompt, device=dev, num_images_per_prompt=1, do_classifier_free_guidance=guided,
+            negative_prompt=negative_prompt)
+        w, h = size
+        time_ids = pipe._get_add_time_ids((h, w), (0, 0), (h, w), dtype=emb.dtype,
+                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+        if guided:
+            emb, pooled, time_ids = torch.cat([neg, emb]), torch.cat([neg_pooled, pooled]), time_ids.repeat(2, 1)
+        return Conditioning(emb, guided, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.to(dev)})
+    emb, neg = pipe.encode_prompt(prompt, dev, 1, guided, negative_prompt)
+    return Conditioning(torch.cat([neg, emb]) if guided else emb, guided)
+
+
+def make_denoise(unet: Any, scheduler: Any, cond: Conditioning, guidance_scale: float) -> Denoise:
+    """`(latents (B, C, h, w), t) -> noise_pred (B, C, h, w)`, guided by `guidance_scale` when `cond.guided`.
+
+    `cond` must already be repeated for the batch (`Conditioning.repeat(B)`).
+    """
+    guided = cond.guided
+
+    def denoise(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([latents, latents]) if guided else latents  # (G*B, C, h, w)
+        x = scheduler.scale_model_input(x, t)
+        if cond.extra_channels is not None:  # inpainting UNets: latents, then mask and masked source
+            x = torch.cat([x, cond.extra_channels.to(x.dtype)], dim=1)
+        noise_pred = unet(x, t, encoder_hidden_states=cond.encoder_hidden_states,
+                          timestep_cond=cond.timestep_cond, added_cond_kwargs=cond.added_cond_kwargs,
+                          cross_attention_kwargs=cond.cross_attention_kwargs, return_dict=False)[0]
+        if guided:
+            uncond, text = noise_pred.chunk(2)
+            noise_pred = uncond + guidance_scale * (text - uncond)
+        return noise_pred
+
+    return denoise
