@@ -33,6 +33,7 @@ FLAGS = {
                    "native size; more gives large masks more detail (GPU time and memory grow with its square)"),
     "feather": ("--feather", int, "seam band in pixels outside the mask; beyond it the output is the input, bit for bit"),
     "mask_threshold": ("--mask-threshold", float, "mask values above this fraction are edited"),
+    "mask_grow": ("--mask-grow", int, "grow the mask by this many pixels before the edit (negative: shrink)"),
     "mask_blur": ("--mask-blur", float, "fade the edit into the image over a Gaussian blur of the mask's edge of this "
                   "many pixels, outwards (0 = the --feather band)"),
 }
@@ -49,7 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("edit", help="edit an image inside a mask", description="Edit an image inside a mask.")
     p.add_argument("--image", required=True, help="source image (any size, PNG/JPEG/WebP/...)")
-    p.add_argument("--mask", required=True, help="mask of the same size: white (or opaque) = edit")
+    p.add_argument("--mask", default=None, help="mask of the same size: white (or opaque) = edit; or select instead:")
+    p.add_argument("--select", default=None, metavar="X,Y[,X,Y...]",
+                   help="select the object under these pixels (clicks) instead of --mask")
+    p.add_argument("--unselect", default=None, metavar="X,Y[,X,Y...]",
+                   help="negative clicks: pixels that are not part of the object")
+    p.add_argument("--select-box", default=None, metavar="L,T,R,B", help="select the object inside this box")
+    p.add_argument("--segmenter", default=None, help="grabcut, none, or a Segment Anything hub id or folder "
+                   "(default: $BLENDED_SEGMENTER, else facebook/sam-vit-base, else grabcut)")
+    p.add_argument("--multi-mask", action="store_true", help="edit with several masks (SAM's three for one click, "
+                   "else the mask grown by 0, 8 and 16 px), the candidates split over them and ranked together")
     p.add_argument("--prompt", required=True, help="what should appear inside the mask")
     _add_edit_options(p)
     p.add_argument("--out", default="outputs", help="folder for 01.png, 02.png, ... and result.json")
@@ -126,8 +136,11 @@ def run_edit(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise InputError(str(e)) from None
     source = load_image(args.image)
-    load_mask(args.mask, source.size, invert=overrides.get("invert_mask", False),
-              threshold=0.0 if overrides.get("soft_mask") else overrides.get("mask_threshold", EditConfig.mask_threshold))
+    masks = _masks(args, source)  # [(label, mask)]: one, or several with --multi-mask
+    for _, mask in masks:
+        load_mask(mask, source.size, invert=overrides.get("invert_mask", False),
+                  threshold=0.0 if overrides.get("soft_mask") else overrides.get("mask_threshold",
+                                                                                  EditConfig.mask_threshold))
     if not args.prompt.strip():
         raise InputError("the prompt is empty: describe what should appear inside the mask")
     out = Path(args.out)
@@ -135,9 +148,17 @@ def run_edit(args: argparse.Namespace) -> int:
         raise InputError(f"--out {out} exists and is not a folder")
 
     editor = _load_editor(args)
-    result = editor.edit(args.image, args.mask, args.prompt, editor.defaults.replace(**overrides),
-                         progress=_progress(args.quiet))
+    config = editor.defaults.replace(**overrides)
+    if len(masks) > 1:
+        from .multimask import edit_masks
+
+        result = edit_masks(editor, source, masks, args.prompt, config, progress=_progress(args.quiet))
+    else:
+        result = editor.edit(args.image, masks[0][1], args.prompt, config, progress=_progress(args.quiet))
     out.mkdir(parents=True, exist_ok=True)
+    if args.mask is None:  # the selected mask(s), to reuse with --mask
+        for i, (_, mask) in enumerate(masks):
+            mask.save(out / ("mask.png" if len(masks) == 1 else f"mask{i + 1}.png"))
     for i, cand in enumerate(result.candidates, 1):
         cand.image.save(out / f"{i:02d}.png")
     info = result.to_json()
@@ -148,6 +169,47 @@ def run_edit(args: argparse.Namespace) -> int:
     if not args.quiet:
         sys.stderr.write(f"wrote {len(result.candidates)} candidates to {out}/ in {result.timings['total']:.1f} s\n")
     return 0
+
+
+def _masks(args: argparse.Namespace, source) -> list:
+    """[(label, mask)] from --mask or from --select / --unselect / --select-box (a segmenter), several with
+    --multi-mask; a selected mask is an 'L' image (255 = edit)."""
+    import numpy as np
+    from PIL import Image
+
+    from .images import load_mask
+    from .multimask import mask_variants
+
+    selecting = args.select is not None or args.select_box is not None or args.unselect is not None
+    if args.mask is not None and selecting:
+        raise InputError("give either --mask or a selection (--select, --unselect, --select-box), not both")
+    if args.mask is not None:
+        if not args.multi_mask:
+            return [("", args.mask)]
+        found = mask_variants(load_mask(args.mask, source.size))
+    elif not selecting:
+        raise InputError("give the region to edit: --mask MASK, or --select X,Y (clicks) or --select-box L,T,R,B")
+    else:
+        found = _selected(args, source)
+    return [(label, Image.fromarray(np.asarray(m, bool).astype(np.uint8) * 255, "L")) for label, m in found]
+
+
+def _selected(args: argparse.Namespace, source) -> list:
+    """[(label, bool mask)] from --select / --unselect / --select-box and the segmenter."""
+    from .multimask import selection_variants
+    from .select import Selection, load_segmenter, parse_box, parse_points, select_mask
+
+    selection = Selection(box=parse_box(args.select_box) if args.select_box is not None else None)
+    for flag, positive in ((args.select, True), (args.unselect, False)):
+        for x, y in parse_points(flag, "--select" if positive else "--unselect") if flag is not None else []:
+            selection = selection.add(x, y, positive)
+    selection.check(source.size)
+    segmenter, note = load_segmenter(args.segmenter)
+    if not args.quiet:
+        sys.stderr.write(f"note: {note}\n")
+    if args.multi_mask:
+        return selection_variants(segmenter, source, selection)
+    return [("", select_mask(segmenter, source, selection)[0])]
 
 
 def run_batch_command(args: argparse.Namespace) -> int:

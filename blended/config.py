@@ -54,6 +54,8 @@ class EditConfig:
     exact_outside: bool = True  # the upload bit for bit beyond `feather` px outside the mask, at full resolution (False: the method's result over the whole edited region, scaled back)
     latent_steps: int = 100  # Adam steps of `latent` background optimisation
     latent_lr: float = 0.05  # Adam learning rate of `latent` (on scaled latents)
+    # -- selection (issue 22: blended/select) --
+    mask_grow: int = 0  # pixels of the upload the mask grows by before the edit (negative: shrinks); grey levels grow as a max filter
     rank: bool = True  # score candidates with CLIP and sort them best first
     safety_checker: bool = True  # run the checkpoint's safety checker where it has one
 
@@ -84,6 +86,7 @@ class EditConfig:
             (self.scheduler in SCHEDULERS, f"scheduler must be one of {', '.join(SCHEDULERS)}"),
             (1 <= self.batch_size <= 64, "batch_size must be between 1 and 64"),
             (0.0 <= self.mask_threshold < 1.0, "mask_threshold must be in [0, 1)"),
+            (-256 <= self.mask_grow <= 256, "mask_grow must be between -256 and 256 pixels"),
             (0 <= self.crop_margin <= 4096, "crop_margin must be between 0 and 4096 pixels"),
             (self.resolution == 0 or 64 <= self.resolution <= MAX_RESOLUTION,
              f"resolution must be 0 (the model's native size) or between 64 and {MAX_RESOLUTION} pixels"),

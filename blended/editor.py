@@ -34,6 +34,7 @@ class Candidate:
     seed: int
     scores: dict[str, float] = field(default_factory=dict)  # ranking scores; "score" orders the gallery
     filtered: bool = False  # the checkpoint's safety checker flagged it (its edit is blanked grey)
+    mask: str = ""  # which of several masks made it (`blended.multimask`); "" = the edit's one mask
 
     @property
     def score(self) -> Optional[float]:
@@ -60,8 +61,8 @@ class EditResult:
         return {
             "prompt": self.prompt,
             "model": self.model,
-            "candidates": [{"rank": i + 1, "seed": c.seed, "scores": c.scores, "filtered": c.filtered}
-                           for i, c in enumerate(self.candidates)],
+            "candidates": [{"rank": i + 1, "seed": c.seed, "scores": c.scores, "filtered": c.filtered,
+                            **({"mask": c.mask} if c.mask else {})} for i, c in enumerate(self.candidates)],
             "settings": self.config.to_dict(),
             "region": {"box": list(self.region.box), "work_size": list(self.region.work_size)},
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
@@ -204,6 +205,9 @@ class Editor:
             OutOfMemory: the device ran out of memory (the model stays usable).
         """
         try:
+            cfg = (config or self.defaults).replace(**overrides)
+            if cfg.mask_grow:  # grown or shrunk in the upload's pixels before anything else (blended/select)
+                image, mask = self._grown(image, mask, cfg)
             return self._edit(image, mask, prompt, config, progress, should_stop, overrides,
                               preview=preview, preview_every=preview_every)
         except (torch.OutOfMemoryError, RuntimeError) as e:
@@ -212,6 +216,20 @@ class Editor:
             _release_memory()
             raise OutOfMemory("out of memory during the edit: use fewer candidates, a smaller batch size "
                               "or a smaller image") from None
+
+    def _grown(self, image: ImageLike, mask: ImageLike, cfg: EditConfig) -> tuple[Image.Image, Image.Image]:
+        """(source, mask) with the mask's edit side grown by `cfg.mask_grow` pixels (an 'L' image, 255 = edit)."""
+        from .select import grow_values
+
+        try:
+            cfg.validate()
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        source = load_image(image, max_pixels=self.max_pixels)
+        values = load_mask_values(mask, source.size, max_pixels=self.max_pixels)
+        edit = grow_values(1 - values if cfg.invert_mask else values, cfg.mask_grow)
+        values = 1 - edit if cfg.invert_mask else edit
+        return source, Image.fromarray(np.round(np.clip(values, 0, 1) * 255).astype(np.uint8), "L")
 
     @torch.no_grad()
     def _edit(self, image: ImageLike, mask: ImageLike, prompt: str, config: Optional[EditConfig],

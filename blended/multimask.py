@@ -1,0 +1,103 @@
+"""One click, several masks, ranked together: each mask gets some of the edit's candidates and the CLIP
+ranking orders the whole set, so the best edit is chosen over mask sizes as well as seeds (issue 22)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from .config import EditConfig
+from .editor import EditResult, Editor, Progress
+from .errors import InputError, ModelLoadError
+from .images import DEFAULT_MAX_PIXELS, ImageLike, load_image, load_mask
+from .select import grow
+
+VARIANT_GROWS = (0, 8, 16)  # pixels the variants of one mask grow by (`mask_variants`)
+
+
+def mask_variants(mask: np.ndarray, grows: Sequence[int] = VARIANT_GROWS) -> list[tuple[str, np.ndarray]]:
+    """Labelled grown copies of one (H, W) bool mask: [("grow +0 px", mask), ("grow +8 px", ...), ...]."""
+    return [(f"grow {g:+d} px", grow(mask, g)) for g in grows]
+
+
+def selection_variants(segmenter: Any, image: ImageLike, selection: Any, mask: Optional[np.ndarray] = None, *,
+                       max_pixels: int = DEFAULT_MAX_PIXELS) -> list[tuple[str, np.ndarray]]:
+    """The masks a one-click multi-mask edit tries: a multimask segmenter's (SAM's) outputs for a single click,
+    best first, else `mask_variants` of `mask` (default: the segmenter's one mask)."""
+    from .select import select_mask
+
+    if segmenter is not None and getattr(segmenter, "multimask", False) and len(selection.points) == 1 \
+            and selection.box is None:
+        found = select_mask(segmenter, image, selection, num_masks=3, max_pixels=max_pixels)
+        if len(found) > 1:
+            return [(f"SAM mask {i + 1}", m) for i, m in enumerate(found)]
+    if mask is None:
+        mask = select_mask(segmenter, image, selection, max_pixels=max_pixels)[0]
+    return mask_variants(mask)
+
+
+def split(total: int, parts: int) -> list[int]:
+    """`total` candidates over `parts` masks as evenly as possible, the first masks getting one more."""
+    return [total // parts + (1 if k < total % parts else 0) for k in range(parts)]
+
+
+def edit_masks(editor: Editor, image: ImageLike, masks: Sequence[tuple[str, Any]], prompt: str,
+               config: Optional[EditConfig] = None, *, progress: Optional[Progress] = None,
+               should_stop: Optional[Callable[[], bool]] = None, **overrides: Any) -> EditResult:
+    """Edit `image` with each of several masks and rank all the candidates together.
+
+    Args:
+        editor: the loaded Editor; each mask is one `Editor.edit` call.
+        image: the source (any ImageLike).
+        masks: (label, mask) pairs; a mask is anything `Editor.edit` takes (white or opaque = edit).
+        prompt: what should appear inside the mask.
+        config: the settings (default `editor.defaults`, `overrides` applied); `num_candidates` is the total,
+            split over the masks (`split`: the same cost as one edit), candidate i keeping seed `seed + i`.
+
+    Returns:
+        One EditResult, candidates best first by the ranker's score on the union of the masks (one view for
+        all, so a bigger mask is not judged on more pixels); each candidate's `mask` names its mask. The
+        result's region, timings and settings are those of the first mask's edit, timings summed.
+    """
+    cfg = (config or editor.defaults).replace(**overrides)
+    if not masks:
+        raise InputError("give at least one mask")
+    counts = split(cfg.num_candidates, len(masks))
+    source = load_image(image, max_pixels=editor.max_pixels)
+    results, offset = [], 0
+    for (label, mask), n in zip(masks, counts):
+        if n == 0:
+            continue
+        part = editor.edit(source, mask, prompt, cfg.replace(num_candidates=n, seed=cfg.seed + offset, rank=False),
+                           progress=progress, should_stop=should_stop)
+        for cand in part.candidates:
+            cand.mask = label
+        results.append((part, mask))
+        offset += n
+    first = results[0][0]
+    candidates = [c for part, _ in results for c in part.candidates]
+    notes = list(dict.fromkeys(n for part, _ in results for n in part.notes))
+    timings = {k: sum(part.timings.get(k, 0.0) for part, _ in results) for k in first.timings}
+    if cfg.rank and editor.ranker is not None and len(candidates) > 1:
+        union = np.zeros(source.size[::-1], bool)
+        for _, mask in results:  # the masks as each edit reads them (threshold, invert, grow)
+            union |= _asked(mask, source.size, cfg, editor.max_pixels)
+        try:
+            scores = editor.ranker.score([c.image for c in candidates], union, prompt)
+        except ModelLoadError as e:
+            notes.append(f"ranking skipped: {e}")
+        else:
+            for cand, s in zip(candidates, scores):
+                cand.scores = s
+            candidates.sort(key=lambda c: -c.scores["score"])
+    candidates.sort(key=lambda c: c.filtered)
+    return EditResult(candidates=candidates, prompt=first.prompt, config=cfg, model=first.model, timings=timings,
+                      region=first.region, notes=notes)
+
+
+def _asked(mask: Any, size: tuple[int, int], cfg: EditConfig, max_pixels: int) -> np.ndarray:
+    """The (H, W) bool region an edit with `cfg` reads from `mask`."""
+    m = load_mask(mask, size, threshold=0.0 if cfg.soft_mask else cfg.mask_threshold, invert=cfg.invert_mask,
+                  max_pixels=max_pixels)
+    return grow(m, cfg.mask_grow) if cfg.mask_grow else m

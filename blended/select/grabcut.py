@@ -1,0 +1,83 @@
+"""GrabCut (Rother et al. 2004, OpenCV) from clicks or a box: the selection that needs no weights."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .prompts import Selection
+from .tools import grabcut, keep_touching
+
+WORK_SIDE = 512  # GrabCut runs on the image scaled so its longer side is at most this (pixels); masks come back at full size
+CLICK_FG = 0.01  # a positive click marks a disk of this fraction of the shorter side (at least 2 px) certain foreground ...
+CLICK_NEAR = 0.15  # ... and one of this fraction probable foreground (picked on demo scenes apart from bench/select.py's);
+# a negative click marks a CLICK_FG disk certain background
+
+
+def scaled(image: np.ndarray, side: int) -> tuple[np.ndarray, float]:
+    """(H, W, 3) image scaled down (area) so its longer side is at most `side`; the scale factor (<= 1)."""
+    import cv2
+
+    h, w = image.shape[:2]
+    scale = min(1.0, side / max(h, w))
+    if scale == 1.0:
+        return image, 1.0
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA), scale
+
+
+def upscaled(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A work-size bool mask back at (w, h), its edge smooth (bilinear, then the half-way level)."""
+    import cv2
+
+    if mask.shape[::-1] == tuple(size):
+        return mask
+    return cv2.resize(mask.astype(np.float32), tuple(size), interpolation=cv2.INTER_LINEAR) >= 0.5
+
+
+def init_labels(shape: tuple[int, int], sel: Selection, scale: float) -> np.ndarray:
+    """GrabCut's label map (H, W) for a selection at `scale`: outside a box certain background, inside probable
+    foreground; without a box all probable background with a probable-foreground disk around each positive
+    click; certain foreground / background disks under positive / negative clicks."""
+    import cv2
+
+    h, w = shape
+    short = min(h, w)
+    if sel.box is not None:
+        labels = np.full(shape, cv2.GC_BGD, np.uint8)
+        l, t, r, b = (int(round(v * scale)) for v in sel.box)
+        labels[t:max(b, t + 1), l:max(r, l + 1)] = cv2.GC_PR_FGD
+    else:
+        labels = np.full(shape, cv2.GC_PR_BGD, np.uint8)
+        for x, y in sel.positive:
+            cv2.circle(labels, (int(x * scale), int(y * scale)), max(2, round(CLICK_NEAR * short)),
+                       int(cv2.GC_PR_FGD), -1)
+    r = max(2, round(CLICK_FG * short))
+    for (x, y), label in zip(sel.points, sel.labels):
+        cv2.circle(labels, (min(int(x * scale), w - 1), min(int(y * scale), h - 1)), r,
+                   int(cv2.GC_FGD if label == 1 else cv2.GC_BGD), -1)
+    return labels
+
+
+class GrabCutSegmenter:
+    """Selection by colour models: no weights, about half a second per click at WORK_SIDE px on a CPU."""
+
+    name = "grabcut"
+    multimask = False  # one mask per selection (the multi-mask ranking grows it instead)
+
+    def __init__(self, work_side: int = WORK_SIDE):
+        self.work_side = work_side
+
+    def __repr__(self) -> str:
+        return "GrabCut (OpenCV, no weights)"
+
+    def select(self, image: np.ndarray, selection: Selection, num_masks: int = 1) -> list[np.ndarray]:
+        """One (H, W) bool mask for `selection` (checked) on the (H, W, 3) uint8 RGB `image`."""
+        h, w = image.shape[:2]
+        selection.check((w, h))
+        small, scale = scaled(image, self.work_side)
+        mask = grabcut(small, init_labels(small.shape[:2], selection, scale))
+        positive = [(min(int(x * scale), small.shape[1] - 1), min(int(y * scale), small.shape[0] - 1))
+                    for x, y in selection.positive]
+        if positive and selection.box is None:
+            mask = keep_touching(mask, positive)  # the clicked object, not every patch of its colour
+        return [upscaled(mask, (w, h))]
