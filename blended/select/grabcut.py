@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 from .prompts import Selection
-from .tools import grabcut, keep_touching
+from .tools import grabcut, touching
 
 WORK_SIDE = 512  # GrabCut runs on the image scaled so its longer side is at most this (pixels); masks come back at full size
 CLICK_FG = 0.01  # a positive click marks a disk of this fraction of the shorter side (at least 2 px) certain foreground ...
 CLICK_NEAR = 0.15  # ... and one of this fraction probable foreground (picked on demo scenes apart from bench/select.py's);
-# a negative click marks a CLICK_FG disk certain background
+# a negative click marks a CLICK_FG disk certain background and a CLICK_NEAR disk probable background
 
 
 def scaled(image: np.ndarray, side: int) -> tuple[np.ndarray, float]:
@@ -34,27 +34,34 @@ def upscaled(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(mask.astype(np.float32), tuple(size), interpolation=cv2.INTER_LINEAR) >= 0.5
 
 
+def at_scale(points, scale: float, shape: tuple[int, int]) -> list[tuple[int, int]]:
+    """Image-pixel points (x, y) on the work-size image of `shape` (h, w)."""
+    return [(min(int(x * scale), shape[1] - 1), min(int(y * scale), shape[0] - 1)) for x, y in points]
+
+
 def init_labels(shape: tuple[int, int], sel: Selection, scale: float) -> np.ndarray:
     """GrabCut's label map (H, W) for a selection at `scale`: outside a box certain background, inside probable
     foreground; without a box all probable background with a probable-foreground disk around each positive
-    click; certain foreground / background disks under positive / negative clicks."""
+    click; a probable-background disk around each negative click; certain foreground / background disks under
+    the clicks themselves."""
     import cv2
 
     h, w = shape
-    short = min(h, w)
+    near, r = max(2, round(CLICK_NEAR * min(h, w))), max(2, round(CLICK_FG * min(h, w)))
     if sel.box is not None:
         labels = np.full(shape, cv2.GC_BGD, np.uint8)
-        l, t, r, b = (int(round(v * scale)) for v in sel.box)
-        labels[t:max(b, t + 1), l:max(r, l + 1)] = cv2.GC_PR_FGD
+        l, t, rt, b = (int(round(v * scale)) for v in sel.box)
+        labels[t:max(b, t + 1), l:max(rt, l + 1)] = cv2.GC_PR_FGD
     else:
         labels = np.full(shape, cv2.GC_PR_BGD, np.uint8)
-        for x, y in sel.positive:
-            cv2.circle(labels, (int(x * scale), int(y * scale)), max(2, round(CLICK_NEAR * short)),
-                       int(cv2.GC_PR_FGD), -1)
-    r = max(2, round(CLICK_FG * short))
-    for (x, y), label in zip(sel.points, sel.labels):
-        cv2.circle(labels, (min(int(x * scale), w - 1), min(int(y * scale), h - 1)), r,
-                   int(cv2.GC_FGD if label == 1 else cv2.GC_BGD), -1)
+        for p in at_scale(sel.positive, scale, shape):
+            cv2.circle(labels, p, near, int(cv2.GC_PR_FGD), -1)
+    for p in at_scale(sel.negative, scale, shape):
+        around = np.zeros(shape, np.uint8)
+        cv2.circle(around, p, near, 1, -1)
+        labels[(around > 0) & (labels == cv2.GC_PR_FGD)] = cv2.GC_PR_BGD
+    for p, label in zip(at_scale(sel.points, scale, shape), sel.labels):
+        cv2.circle(labels, p, r, int(cv2.GC_FGD if label == 1 else cv2.GC_BGD), -1)
     return labels
 
 
@@ -76,8 +83,9 @@ class GrabCutSegmenter:
         selection.check((w, h))
         small, scale = scaled(image, self.work_side)
         mask = grabcut(small, init_labels(small.shape[:2], selection, scale))
-        positive = [(min(int(x * scale), small.shape[1] - 1), min(int(y * scale), small.shape[0] - 1))
-                    for x, y in selection.positive]
-        if positive and selection.box is None:
-            mask = keep_touching(mask, positive)  # the clicked object, not every patch of its colour
+        shape = small.shape[:2]
+        if selection.positive:  # the clicked object, not every patch of its colour
+            mask &= touching(mask, at_scale(selection.positive, scale, shape))
+        if selection.negative:  # and no part that holds a negative click
+            mask &= ~touching(mask, at_scale(selection.negative, scale, shape))
         return [upscaled(mask, (w, h))]

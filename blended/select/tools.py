@@ -77,14 +77,14 @@ def drop_specks(mask: np.ndarray, min_area: int = 0) -> np.ndarray:
     return keep[labels]
 
 
-def keep_touching(mask: np.ndarray, points: list[tuple[int, int]]) -> np.ndarray:
-    """The connected parts of `mask` that contain one of `points` (x, y); all of `mask` when none does."""
+def touching(mask: np.ndarray, points: list[tuple[int, int]]) -> np.ndarray:
+    """The connected parts (8-connected) of `mask` that contain one of `points` (x, y)."""
     import cv2
 
     m = np.asarray(mask, bool)
     n, labels = cv2.connectedComponents(m.astype(np.uint8), connectivity=8)
     hit = {int(labels[y, x]) for x, y in points} - {0}
-    return np.isin(labels, list(hit)) if hit else m
+    return np.isin(labels, list(hit))
 
 
 def grabcut(image: np.ndarray, init: np.ndarray, iterations: int = GRABCUT_ITERATIONS) -> np.ndarray:
