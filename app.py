@@ -31,6 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                  "$GRADIO_SERVER_NAME)")
     ap.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or $GRADIO_SERVER_PORT)")
     ap.add_argument("--share", action="store_true", help="also serve through a temporary public gradio.live link")
+    ap.add_argument("--segmenter", default=None, help="what selects objects from clicks: grabcut, none, or a Segment "
+                    "Anything hub id or folder (default: $BLENDED_SEGMENTER, else facebook/sam-vit-base, falling back "
+                    "to grabcut)")
     return ap.parse_args(argv)
 
 
@@ -70,7 +73,12 @@ def main(argv=None) -> None:
         speed = cpu_notice(editor, server_defaults(editor.defaults, limits))
         if speed:
             print("blended: " + speed.replace("**", "").replace("`", ""), file=sys.stderr)
-    demo = create_demo(editor, limits=limits, notice=notice, speed=speed)
+    from blended.select import load_segmenter
+
+    segmenter, segmenter_note = load_segmenter(args.segmenter)
+    print(f"blended: {segmenter_note}", file=sys.stderr)
+    demo = create_demo(editor, limits=limits, notice=notice, speed=speed, segmenter=segmenter,
+                       segmenter_note=segmenter_note)
     demo.queue(max_size=limits.max_queue, default_concurrency_limit=limits.concurrency)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share,
                 max_file_size=f"{limits.max_upload_mb}mb",

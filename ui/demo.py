@@ -21,6 +21,7 @@ from blended.models import PRESETS
 from .editing import SIDES, OutputDir, StopSwitch, brush_radius, caption, checked_image, continue_history, \
     editor_inputs, extend_canvas, extension, mask_layer, progress_label, server_defaults, settings_to_config
 from .limits import Limits
+from .mask_panel import build_mask_panel
 from .speed import cpu_notice
 from .zerogpu import gpu
 
@@ -121,7 +122,7 @@ def settings_widgets(defaults: EditConfig, limits: Limits) -> dict[str, gr.compo
 
 
 def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optional[str] = None,
-                speed: Optional[str] = "auto") -> gr.Blocks:
+                speed: Optional[str] = "auto", segmenter: Any = "grabcut", segmenter_note: str = "") -> gr.Blocks:
     """Build the app around `editor` (not launched: call `.queue(...)` and `.launch(...)` on it).
 
     Args:
@@ -130,6 +131,8 @@ def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optiona
         notice: an extra line for the demo-model banner (e.g. why the requested model is not in use).
         speed: a banner about the time an edit takes here; "auto" times one UNet call when a Stable Diffusion
             model runs on the CPU (`ui.speed.cpu_notice`), None shows none.
+        segmenter: what selects objects from clicks (`blended.select.load_segmenter`); "grabcut" = GrabCut,
+            None = selection off. `segmenter_note` says which is in use.
 
     API endpoints: `/edit` (image file, mask file, prompt, settings JSON -> gallery, result JSON) and
     `/stop` (stops the running edits of the caller's session).
@@ -140,10 +143,18 @@ def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optiona
     switch = StopSwitch()
     if speed == "auto":
         speed = None if is_demo_model(editor) else cpu_notice(editor, defaults)
+    if segmenter == "grabcut":
+        from blended.select import GrabCutSegmenter
+
+        segmenter, segmenter_note = GrabCutSegmenter(), segmenter_note or "Selection: GrabCut (OpenCV, no weights)."
 
     @gpu(duration=GPU_SECONDS)
     def run_edit(source, mask, prompt: str, config: EditConfig, report: Callable,
                  should_stop: Callable[[], bool], preview: Optional[Callable] = None) -> EditResult:
+        if isinstance(mask, list):  # several (label, mask): split the candidates, rank them together
+            from blended.multimask import edit_masks
+
+            return edit_masks(editor, source, mask, prompt, config, progress=report, should_stop=should_stop)
         every = max(1, config.num_inference_steps // PREVIEWS_PER_CHUNK)
         return editor.edit(source, mask, prompt, config, progress=report, should_stop=should_stop,
                            preview=preview, preview_every=every)
@@ -236,10 +247,7 @@ def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optiona
                     brush=gr.Brush(colors=[BRUSH_COLOUR], default_color=BRUSH_COLOUR, color_mode="fixed",
                                    default_size=BRUSH_RADIUS),
                     eraser=gr.Eraser(default_size=BRUSH_RADIUS), elem_id="editor")
-                with gr.Row():
-                    clear_mask = gr.Button("Clear mask", size="sm", elem_id="clear-mask")
-                    invert_mask = gr.Checkbox(label="Invert mask (edit outside the painted region)",
-                                              value=defaults.invert_mask, elem_id="invert-mask")
+                panel = build_mask_panel(image_editor, segmenter, limits, segmenter_note)
                 with gr.Accordion("Extend the canvas (outpainting)", open=False, elem_id="extend"):
                     with gr.Row():
                         extend_sides = gr.CheckboxGroup(list(SIDES), value=["right"], label="Sides",
@@ -277,7 +285,7 @@ def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optiona
                                              allow_preview=False, elem_id="history")
                 with gr.Accordion("Details (JSON)", open=False):
                     details = gr.JSON(label="Result", elem_id="details")
-        settings.update(negative_prompt=negative_prompt, invert_mask=invert_mask)
+        settings.update(negative_prompt=negative_prompt)
         results = gr.State(None)  # {"source": path, "paths": [...], "selected": i} of this session's last edit
         history = gr.State([])  # the session's versions: [{"path", "label", "digest"}], oldest first
 
@@ -289,11 +297,12 @@ def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optiona
                 return brush_for(value["background"].size, value=editor_value(value["background"],
                                                                                    value.get("layers")))
 
-            gr.Examples(
+            shown = gr.Examples(
                 examples=[[editor_value(ex["image"], [ex["mask"]]), ex["prompt"]] for ex in examples],
                 inputs=[image_editor, prompt], outputs=image_editor, fn=on_example, run_on_click=True,
                 example_labels=[ex["name"] for ex in examples], cache_examples=False,
                 label="Examples: click one (its mask is the magenta layer: erase or add to it), then Generate")
+            panel.follow(shown.load_input_event)
 
         # -- events: handlers read their inputs by component, settings by name ---------------------------
         def on_generate(data: dict, request: gr.Request, progress=gr.Progress()) -> Iterator[dict]:
@@ -301,10 +310,11 @@ def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optiona
             try:
                 source, mask = editor_inputs(data[image_editor], limits)
                 config = settings_to_config(defaults, values, limits)
+                mask = panel.masks(data[image_editor], data[panel.state], data[panel.multi]) or mask
             except InputError as e:
                 raise gr.Error(str(e), title="Cannot edit") from None
-            for kind, *rest in streamed_edit(source, mask, data[prompt], config, request, progress,
-                                             bool(data[live_preview])):
+            live = bool(data[live_preview]) and not isinstance(mask, list)
+            for kind, *rest in streamed_edit(source, mask, data[prompt], config, request, progress, live):
                 if kind == "preview":
                     done, total, images = rest
                     yield {gallery: [(im, f"preview · step {done}/{total}") for im in images]}
@@ -316,7 +326,7 @@ def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optiona
                        keep_editing: gr.Button(interactive=True)}
 
         editing = generate.click(
-            on_generate, inputs={image_editor, prompt, live_preview, *settings.values()},
+            on_generate, inputs={image_editor, prompt, live_preview, panel.multi, panel.state, *settings.values()},
             outputs=[gallery, before_after, details, settings["seed"], download, results, keep_editing],
             concurrency_limit=limits.concurrency, concurrency_id=EDIT_CONCURRENCY, api_visibility="private")
 
@@ -339,8 +349,9 @@ def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optiona
             size = checked_image(path, limits).size
             return brush_for(size, value=editor_value(path)), versions, [(v["path"], v["label"]) for v in versions]
 
-        keep_editing.click(on_continue, inputs=[results, history, prompt],
-                           outputs=[image_editor, history, history_gallery], queue=False, api_visibility="private")
+        panel.follow(keep_editing.click(on_continue, inputs=[results, history, prompt],
+                                        outputs=[image_editor, history, history_gallery], queue=False,
+                                        api_visibility="private"))
 
         def on_history(versions: list, evt: gr.SelectData) -> Any:
             if evt.index is None or not 0 <= evt.index < len(versions or []):
@@ -348,15 +359,15 @@ def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optiona
             path = versions[evt.index]["path"]
             return brush_for(checked_image(path, limits).size, value=editor_value(path))
 
-        history_gallery.select(on_history, inputs=history, outputs=image_editor, queue=False,
-                               api_visibility="private")
+        panel.follow(history_gallery.select(on_history, inputs=history, outputs=image_editor, queue=False,
+                                            api_visibility="private"))
 
         def on_upload(value: Optional[dict]) -> Any:
             background = (value or {}).get("background")
             return gr.skip() if background is None else brush_for(background.size)
 
-        image_editor.upload(on_upload, inputs=image_editor, outputs=image_editor, queue=False,
-                            api_visibility="private")
+        panel.follow(image_editor.upload(on_upload, inputs=image_editor, outputs=image_editor, queue=False,
+                                         api_visibility="private"))
 
         def on_extend(value: Optional[dict], sides: list, percent: float) -> Any:
             background = (value or {}).get("background")
@@ -369,8 +380,8 @@ def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optiona
                 raise gr.Error(str(e), title="Cannot extend") from None
             return brush_for(image.size, value=editor_value(image, [layer]))
 
-        extend.click(on_extend, inputs=[image_editor, extend_sides, extend_percent], outputs=image_editor,
-                     api_visibility="private")
+        panel.follow(extend.click(on_extend, inputs=[image_editor, extend_sides, extend_percent], outputs=image_editor,
+                                  api_visibility="private"))
 
         def on_stop(request: gr.Request) -> None:
             """Stop the edits this session is running (they end within one denoising step)."""
@@ -379,12 +390,6 @@ def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optiona
         stop.click(on_stop, inputs=None, outputs=None, api_name="stop", concurrency_limit=None)
         stop.click(None, cancels=[editing])  # edits still waiting in the queue never start
 
-        def on_clear(value: Optional[dict]) -> Any:
-            if not value or value.get("background") is None:
-                return gr.skip()
-            return editor_value(value["background"])
-
-        clear_mask.click(on_clear, inputs=image_editor, outputs=image_editor, queue=False, api_visibility="private")
         settings["preserve_background"].input(
             lambda on, method: "decoder" if on else (EditConfig().background if method == "decoder" else method),
             inputs=[settings["preserve_background"], settings["background"]], outputs=settings["background"],

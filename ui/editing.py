@@ -143,12 +143,15 @@ def settings_to_config(defaults: EditConfig, settings: Optional[dict], limits: L
 # -- results ------------------------------------------------------------------------------------
 
 def caption(rank: int, candidate: Candidate) -> str:
-    """'#1 · score 0.312 · seed 42' (no score when the candidates were not ranked)."""
+    """'#1 · score 0.312 · seed 42' (no score when the candidates were not ranked; the mask's label when the
+    edit tried several)."""
     parts = [f"#{rank}"]
     score = candidate.scores.get("score")
     if score is not None:
         parts.append(f"score {score:.3f}")
     parts.append(f"seed {candidate.seed}")
+    if candidate.mask:
+        parts.append(candidate.mask)
     if candidate.filtered:
         parts.append("filtered by the safety checker")
     return " · ".join(parts)

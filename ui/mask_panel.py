@@ -1,0 +1,253 @@
+"""The selection and mask-tools panel: click the object (or two box corners) on a picture that shows the clicks
+and the current mask, and the mask lands in the image editor as an ordinary layer; grow / shrink, invert, fill
+holes, drop specks, snap to edges, clear (issue 22). `build_mask_panel` makes the components and handlers;
+the functions above it hold the logic on plain images and arrays."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import gradio as gr
+import numpy as np
+from PIL import Image, ImageDraw
+
+from blended import InputError
+from blended.multimask import mask_variants
+from blended.select import Selection, box_from_corners, drop_specks, fill_holes, grow, invert, select_mask, snap
+
+from .editing import checked_image, mask_from_layers, mask_layer
+from .limits import Limits
+
+DISPLAY_SIDE = (512, 768)  # the clickable picture is served with its longer side in this range (small ones enlarged)
+GROW_RANGE = 32  # the grow / shrink slider's reach, pixels of the upload, each way
+TINT = (255, 0, 255)  # the mask over the clickable picture: the editor's magenta ...
+TINT_ALPHA = 0.45  # ... at this opacity
+POSITIVE, NEGATIVE, CORNER = (40, 200, 80), (230, 40, 40), (255, 210, 0)
+MODES = ("Add: part of the object", "Remove: not part of it")
+
+
+# -- state and logic (no gradio) ----------------------------------------------------------------
+
+@dataclass
+class PanelState:
+    """One session's selection: its clicks and box, the mask it gave (`base`), the slider value that mask was
+    taken at (`offset`), the mask last put into the editor (`shown`) and the slider value then (`px`)."""
+
+    selection: Selection = field(default_factory=Selection)
+    corner: Optional[tuple[int, int]] = None  # the first corner of a box being drawn
+    base: Optional[np.ndarray] = None
+    offset: int = 0
+    shown: Optional[np.ndarray] = None
+    px: int = 0
+    from_click: bool = False  # `shown` is a segmenter's mask of one selection (so SAM's variants may replace it)
+
+
+def background_of(value: Optional[dict], limits: Limits) -> Image.Image:
+    """The editor's picture as RGB; InputError when there is none."""
+    background = (value or {}).get("background")
+    if background is None:
+        raise InputError("upload an image first")
+    return checked_image(background, limits)
+
+
+def current_mask(value: Optional[dict], size: tuple[int, int]) -> np.ndarray:
+    """What is painted in the editor now, (H, W) bool."""
+    return np.asarray(mask_from_layers((value or {}).get("layers") or [], size)) > 0
+
+
+def display_scale(size: tuple[int, int]) -> float:
+    """Displayed pixels per image pixel of the clickable picture (`DISPLAY_SIDE`)."""
+    lo, hi = DISPLAY_SIDE
+    return min(hi, max(lo, max(size))) / max(size)
+
+
+def overlay(image: Image.Image, mask: Optional[np.ndarray], state: PanelState) -> Image.Image:
+    """The clickable picture at `display_scale`: the mask tinted with its outline, clicks as dots (green =
+    part of the object, red = not), a box in yellow, a box's first corner as a yellow dot."""
+    import cv2
+
+    s = display_scale(image.size)
+    w, h = max(1, round(image.size[0] * s)), max(1, round(image.size[1] * s))
+    resample = Image.Resampling.NEAREST if s > 1 else Image.Resampling.BILINEAR  # enlarged: crisp pixels
+    a = np.asarray(image.convert("RGB").resize((w, h), resample), np.float32)
+    if mask is not None and mask.any():
+        m = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+        a[m] = a[m] * (1 - TINT_ALPHA) + np.array(TINT, np.float32) * TINT_ALPHA
+        contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        a = np.ascontiguousarray(a.astype(np.uint8))
+        cv2.drawContours(a, contours, -1, TINT, max(1, round(min(w, h) / 200)))
+    out = Image.fromarray(a.astype(np.uint8))
+    draw = ImageDraw.Draw(out)
+    r = max(3, round(min(w, h) / 60))
+    if state.selection.box is not None:
+        l, t, rt, b = (v * s for v in state.selection.box)
+        draw.rectangle((l, t, rt - 1, b - 1), outline=CORNER, width=max(1, r // 2))
+    dots = [(p, POSITIVE if label == 1 else NEGATIVE) for p, label in zip(state.selection.points, state.selection.labels)]
+    dots += [(state.corner, CORNER)] if state.corner is not None else []
+    for (x, y), colour in dots:
+        cx, cy = (x + 0.5) * s, (y + 0.5) * s
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour, outline=(255, 255, 255), width=max(1, r // 3))
+    return out
+
+
+def click(state: PanelState, image: Image.Image, segmenter: Any, xy: tuple[float, float], positive: bool,
+          box_mode: bool, px: int, limits: Limits) -> PanelState:
+    """The state after a click at display pixel `xy`: a new click (or a box corner) and the mask it selects,
+    grown by the slider's `px`. InputError (the state unchanged) when the selection is refused."""
+    s = display_scale(image.size)
+    x = min(image.size[0] - 1, max(0, int(xy[0] / s)))
+    y = min(image.size[1] - 1, max(0, int(xy[1] / s)))
+    if box_mode and state.corner is None:
+        return PanelState(state.selection.with_box(None), (x, y), state.base, state.offset, state.shown, state.px,
+                          state.from_click)
+    if box_mode:
+        selection = Selection(box=box_from_corners(state.corner, (x, y)))
+    else:
+        selection = state.selection.add(x, y, positive)
+    base = select_mask(segmenter, image, selection, max_pixels=limits.max_pixels)[0]
+    return PanelState(selection, None, base, 0, grow(base, px), px, True)
+
+
+def regrow(state: PanelState, painted: np.ndarray, px: int) -> PanelState:
+    """The state after the slider moved to `px`: the selection's mask grown (or shrunk) by `px`; when the
+    layer was painted on since it was shown, the painted mask is grown by the slider's change instead."""
+    base, offset = state.base, state.offset
+    if base is None or state.shown is None or not np.array_equal(painted, state.shown):
+        base, offset = painted, state.px
+    return PanelState(state.selection, state.corner, base, offset, grow(base, px - offset), px,
+                      state.from_click and base is state.base)
+
+
+def tool(state: PanelState, name: str, painted: np.ndarray, image: Image.Image, px: int) -> PanelState:
+    """The state after a mask tool ("invert", "fill", "specks", "snap", "clear") on the painted mask."""
+    if name == "clear":
+        return PanelState(px=px)
+    if not painted.any() and name != "invert":
+        raise InputError("the mask is empty: click the object or paint over it first")
+    do: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+        "invert": invert, "fill": fill_holes, "specks": drop_specks,
+        "snap": lambda m: snap(np.asarray(image), m)}
+    mask = do[name](painted)
+    return PanelState(state.selection, None, mask, px, mask, px, False)
+
+
+def editor_update(image: Image.Image, mask: Optional[np.ndarray]) -> dict:
+    """An ImageEditor value: the picture with the mask as its one layer (gradio draws layers when `composite`
+    is None; the layer is exactly the picture's size)."""
+    m = mask if mask is not None else np.zeros(image.size[::-1], bool)
+    return {"background": image, "layers": [mask_layer(m)], "composite": None}
+
+
+def edit_masks_for(state: PanelState, painted: np.ndarray, image: Image.Image, segmenter: Any,
+                   limits: Limits) -> list[tuple[str, np.ndarray]]:
+    """The masks a multi-mask Generate tries: SAM's three for an unchanged one-click selection, else the
+    painted mask grown by 0, 8 and 16 px."""
+    sel = state.selection
+    unchanged = state.from_click and state.shown is not None and np.array_equal(painted, state.shown)
+    if unchanged and getattr(segmenter, "multimask", False) and len(sel.points) == 1 and sel.box is None:
+        found = select_mask(segmenter, image, sel, num_masks=3, max_pixels=limits.max_pixels)
+        if len(found) > 1:
+            return [(f"SAM mask {i + 1}", grow(m, state.px)) for i, m in enumerate(found)]
+    return mask_variants(painted)
+
+
+# -- the panel ----------------------------------------------------------------------------------
+
+@dataclass
+class MaskPanel:
+    """The panel's components; `follow(event)` refreshes the clickable picture after `event` changed the
+    editor's picture; `masks(value, state, multi)` gives what Generate edits with."""
+
+    picture: Any
+    mode: Any
+    box: Any
+    grow: Any
+    multi: Any
+    state: Any
+    follow: Callable[[Any], Any]
+    masks: Callable[[Optional[dict], PanelState, bool], Any]
+
+
+def build_mask_panel(image_editor: Any, segmenter: Any, limits: Limits, note: str = "") -> MaskPanel:
+    """The selection and mask tools under `image_editor` (call inside the Blocks' column): components and their
+    handlers. `segmenter` (None: clicks are refused with a message) selects; `note` says which one is in use."""
+    def fail(e: InputError, title: str = "Cannot select") -> gr.Error:
+        return gr.Error(str(e), title=title)
+
+    with gr.Accordion("Select with a click or a box (then adjust; the brush and eraser still refine it)",
+                      open=True, elem_id="select-panel"):
+        picture = gr.Image(label="Click the object to select it", type="pil", format="png", interactive=False,
+                           buttons=[], height=420, elem_id="select-click",
+                           placeholder="The picture in the editor shows here once uploaded: click on it.")
+        with gr.Row():
+            mode = gr.Radio(list(MODES), value=MODES[0], label="A click means", elem_id="select-mode")
+            box = gr.Checkbox(label="Box: the next two clicks are its corners", value=False, elem_id="select-box")
+        grow_slider = gr.Slider(-GROW_RANGE, GROW_RANGE, step=1, value=0, label="Grow (+) / shrink (-) the mask, px",
+                                elem_id="mask-grow")
+        with gr.Row():
+            buttons = {name: gr.Button(label, size="sm", elem_id=f"mask-{name}") for name, label in (
+                ("invert", "Invert"), ("fill", "Fill holes"), ("specks", "Drop specks"), ("snap", "Snap to edges"),
+                ("clear", "Clear"))}
+        multi = gr.Checkbox(label="Try three mask sizes, ranked together (candidates are split over them)",
+                            value=False, elem_id="multi-mask")
+        gr.Markdown(note or "", elem_id="segmenter-note")
+    state = gr.State(PanelState())
+
+    def refresh(value: Optional[dict]) -> Any:
+        """A new picture in the editor: show it, forget the old selection."""
+        try:
+            image = background_of(value, limits)
+        except InputError:
+            return None, PanelState()
+        return overlay(image, current_mask(value, image.size), PanelState()), PanelState()
+
+    def on_click(value: Optional[dict], st: PanelState, how: str, box_on: bool, px: float,
+                 evt: gr.SelectData) -> Any:
+        try:
+            image = background_of(value, limits)
+            new = click(st, image, segmenter, tuple(evt.index), how == MODES[0], bool(box_on), int(px), limits)
+        except InputError as e:
+            raise fail(e) from None
+        editor = gr.skip() if new.corner is not None else editor_update(image, new.shown)
+        return editor, overlay(image, new.shown, new), new
+
+    picture.select(on_click, inputs=[image_editor, state, mode, box, grow_slider],
+                   outputs=[image_editor, picture, state], api_visibility="private")
+
+    def on_grow(value: Optional[dict], st: PanelState, px: float) -> Any:
+        try:
+            image = background_of(value, limits)
+        except InputError as e:
+            raise fail(e, "Cannot grow") from None
+        new = regrow(st, current_mask(value, image.size), int(px))
+        return editor_update(image, new.shown), overlay(image, new.shown, new), new
+
+    grow_slider.release(on_grow, inputs=[image_editor, state, grow_slider], outputs=[image_editor, picture, state],
+                        api_visibility="private")
+
+    for name, button in buttons.items():
+        def on_tool(value: Optional[dict], st: PanelState, px: float, name: str = name) -> Any:
+            try:
+                image = background_of(value, limits)
+                new = tool(st, name, current_mask(value, image.size), image, int(px))
+            except InputError as e:
+                raise fail(e, "Cannot change the mask") from None
+            return editor_update(image, new.shown), overlay(image, new.shown, new), new
+
+        button.click(on_tool, inputs=[image_editor, state, grow_slider], outputs=[image_editor, picture, state],
+                     api_visibility="private")
+
+    def follow(event: Any) -> Any:
+        return event.then(refresh, inputs=image_editor, outputs=[picture, state], queue=False,
+                          api_visibility="private")
+
+    def masks(value: Optional[dict], st: PanelState, on: bool) -> Any:
+        """None (edit with the painted mask) or [(label, mask)] for a multi-mask edit."""
+        if not on:
+            return None
+        image = background_of(value, limits)
+        return edit_masks_for(st or PanelState(), current_mask(value, image.size), image, segmenter, limits)
+
+    return MaskPanel(picture=picture, mode=mode, box=box, grow=grow_slider, multi=multi, state=state, follow=follow,
+                     masks=masks)
