@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segmenter", default=None, help="grabcut, none, or a Segment Anything hub id or folder "
                    "(default: $BLENDED_SEGMENTER, else facebook/sam-vit-base, else grabcut)")
     p.add_argument("--multi-mask", action="store_true", help="edit with several masks (SAM's three for one click, "
-                   "else the mask grown by 0, 8 and 16 px), the candidates split over them and ranked together")
+                   "else the mask grown by 0, 10 and 20 %% of its size), the candidates split over them and ranked together")
     p.add_argument("--prompt", required=True, help="what should appear inside the mask")
     _add_edit_options(p)
     p.add_argument("--out", default="outputs", help="folder for 01.png, 02.png, ... and result.json")

@@ -13,12 +13,23 @@ from .errors import InputError, ModelLoadError
 from .images import DEFAULT_MAX_PIXELS, ImageLike, load_image, load_mask
 from .select import grow
 
-VARIANT_GROWS = (0, 8, 16)  # pixels the variants of one mask grow by (`mask_variants`)
+VARIANT_GROWS = (0.0, 0.1, 0.2)  # the variants of one mask grow by these fractions of its size (sqrt of its area)
 
 
-def mask_variants(mask: np.ndarray, grows: Sequence[int] = VARIANT_GROWS) -> list[tuple[str, np.ndarray]]:
-    """Labelled grown copies of one (H, W) bool mask: [("grow +0 px", mask), ("grow +8 px", ...), ...]."""
-    return [(f"grow {g:+d} px", grow(mask, g)) for g in grows]
+def variant_grows(mask: np.ndarray, fractions: Sequence[float] = VARIANT_GROWS) -> list[int]:
+    """Pixels to grow a mask by for its variants: `fractions` of the square root of its area, distinct."""
+    side = float(np.sqrt(np.asarray(mask, bool).sum()))
+    out: list[int] = []
+    for f in fractions:
+        g = int(round(f * side))
+        out.append(max(g, out[-1] + 1) if out else g)
+    return out
+
+
+def mask_variants(mask: np.ndarray, grows: Optional[Sequence[int]] = None) -> list[tuple[str, np.ndarray]]:
+    """Labelled grown copies of one (H, W) bool mask: [("grow +0 px", mask), ("grow +3 px", ...), ...];
+    `grows` in pixels, default `variant_grows(mask)`."""
+    return [(f"grow {g:+d} px", grow(mask, g)) for g in (variant_grows(mask) if grows is None else grows)]
 
 
 def selection_variants(segmenter: Any, image: ImageLike, selection: Any, mask: Optional[np.ndarray] = None, *,

@@ -9,7 +9,8 @@ from .tools import grabcut, touching
 
 WORK_SIDE = 512  # GrabCut runs on the image scaled so its longer side is at most this (pixels); masks come back at full size
 CLICK_FG = 0.01  # a positive click marks a disk of this fraction of the shorter side (at least 2 px) certain foreground ...
-CLICK_NEAR = 0.15  # ... and one of this fraction probable foreground (picked on demo scenes apart from bench/select.py's);
+CLICK_NEAR = 0.15  # ... and one of this fraction probable foreground (picked on demo scenes apart from bench/selection.py's);
+BOX_MARGIN = 0.1  # with a box, GrabCut works on the box and this fraction of its longer side around it (at least 8 px)
 # a negative click marks a CLICK_FG disk certain background and a CLICK_NEAR disk probable background
 
 
@@ -78,14 +79,25 @@ class GrabCutSegmenter:
         return "GrabCut (OpenCV, no weights)"
 
     def select(self, image: np.ndarray, selection: Selection, num_masks: int = 1) -> list[np.ndarray]:
-        """One (H, W) bool mask for `selection` (checked) on the (H, W, 3) uint8 RGB `image`."""
+        """One (H, W) bool mask for `selection` (checked) on the (H, W, 3) uint8 RGB `image`. With a box,
+        GrabCut sees only the box and a margin of BOX_MARGIN of its size around it."""
         h, w = image.shape[:2]
         selection.check((w, h))
-        small, scale = scaled(image, self.work_side)
-        mask = grabcut(small, init_labels(small.shape[:2], selection, scale))
+        l, t, r, b = 0, 0, w, h
+        if selection.box is not None:
+            bl, bt, br, bb = selection.box
+            m = max(8, round(BOX_MARGIN * max(br - bl, bb - bt)))
+            l, t, r, b = max(0, bl - m), max(0, bt - m), min(w, br + m), min(h, bb + m)
+        local = Selection(tuple((min(max(x - l, 0), r - l - 1), min(max(y - t, 0), b - t - 1))
+                                for x, y in selection.points), selection.labels,
+                          None if selection.box is None else (bl - l, bt - t, br - l, bb - t))
+        small, scale = scaled(image[t:b, l:r], self.work_side)
+        mask = grabcut(small, init_labels(small.shape[:2], local, scale))
         shape = small.shape[:2]
-        if selection.positive:  # the clicked object, not every patch of its colour
-            mask &= touching(mask, at_scale(selection.positive, scale, shape))
-        if selection.negative:  # and no part that holds a negative click
-            mask &= ~touching(mask, at_scale(selection.negative, scale, shape))
-        return [upscaled(mask, (w, h))]
+        if local.positive:  # the clicked object, not every patch of its colour
+            mask &= touching(mask, at_scale(local.positive, scale, shape))
+        if local.negative:  # and no part that holds a negative click
+            mask &= ~touching(mask, at_scale(local.negative, scale, shape))
+        out = np.zeros((h, w), bool)
+        out[t:b, l:r] = upscaled(mask, (r - l, b - t))
+        return [out]

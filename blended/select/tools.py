@@ -87,10 +87,11 @@ def touching(mask: np.ndarray, points: list[tuple[int, int]]) -> np.ndarray:
     return np.isin(labels, list(hit))
 
 
-def grabcut(image: np.ndarray, init: np.ndarray, iterations: int = GRABCUT_ITERATIONS) -> np.ndarray:
+def grabcut(image: np.ndarray, init: np.ndarray, iterations: int = 0) -> np.ndarray:
     """cv2.grabCut from a label map (cv2.GC_BGD / GC_FGD / GC_PR_BGD / GC_PR_FGD per pixel) on an (H, W, 3)
     uint8 RGB image; returns the (H, W) bool foreground. A map without any background or foreground label
-    returns its probable foreground as it is (GrabCut needs both to fit its colour models)."""
+    returns its probable foreground as it is (GrabCut needs both to fit its colour models). `iterations`
+    0 = GRABCUT_ITERATIONS."""
     import cv2
 
     labels = np.ascontiguousarray(init, np.uint8)
@@ -99,15 +100,16 @@ def grabcut(image: np.ndarray, init: np.ndarray, iterations: int = GRABCUT_ITERA
         return fg
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     bgr = np.ascontiguousarray(image[..., ::-1])
-    cv2.grabCut(bgr, labels, None, bgd, fgd, iterations, cv2.GC_INIT_WITH_MASK)
+    cv2.grabCut(bgr, labels, None, bgd, fgd, iterations or GRABCUT_ITERATIONS, cv2.GC_INIT_WITH_MASK)
     return (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
 
 
-def snap(image: np.ndarray, stroke: np.ndarray, band: int = 0) -> np.ndarray:
+def snap(image: np.ndarray, stroke: np.ndarray, band: int = 0, work_side: int = 384) -> np.ndarray:
     """Snap a rough brush stroke to the edges of what it covers (GrabCut): the stroke is probable foreground,
     a band of `band` px around it (0 = `SNAP_BAND` of the shorter side) probable background, and beyond the
     band's ring everything certain background. The result stays within the band; with nothing to separate
-    (a stroke over the whole image) the stroke comes back unchanged.
+    (a stroke over the whole image) the stroke comes back unchanged. GrabCut runs on the ring's bounding box,
+    scaled so its longer side is at most `work_side` px.
 
     Args:
         image: (H, W, 3) uint8 RGB.
@@ -121,12 +123,26 @@ def snap(image: np.ndarray, stroke: np.ndarray, band: int = 0) -> np.ndarray:
     band = band or max(3, int(round(SNAP_BAND * min(s.shape))))
     near = grow(s, band)
     ring = grow(s, int(round(band * SNAP_RING)))
+    ys, xs = np.nonzero(ring)
+    t, b, l, r = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     init = np.full(s.shape, cv2.GC_BGD, np.uint8)
     init[ring] = cv2.GC_PR_BGD
     init[s] = cv2.GC_PR_FGD
+    init = init[t:b, l:r]
     if not (init == cv2.GC_BGD).any():  # the ring covers the image: its border is the background
         init[[0, -1], :] = cv2.GC_BGD
         init[:, [0, -1]] = cv2.GC_BGD
-        init[s & (init == cv2.GC_BGD)] = cv2.GC_PR_FGD
-    out = grabcut(np.asarray(image, np.uint8), init) & near
+        init[s[t:b, l:r] & (init == cv2.GC_BGD)] = cv2.GC_PR_FGD
+    crop = np.asarray(image, np.uint8)[t:b, l:r]
+    scale = min(1.0, work_side / max(crop.shape[:2]))
+    if scale < 1.0:
+        size = (max(1, round((r - l) * scale)), max(1, round((b - t) * scale)))
+        crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
+        init = cv2.resize(init, size, interpolation=cv2.INTER_NEAREST)
+    cut = grabcut(crop, init)
+    if scale < 1.0:
+        cut = cv2.resize(cut.astype(np.float32), (r - l, b - t), interpolation=cv2.INTER_LINEAR) >= 0.5
+    out = np.zeros_like(s)
+    out[t:b, l:r] = cut
+    out &= near
     return out if out.any() else s.copy()
