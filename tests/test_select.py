@@ -287,3 +287,49 @@ def test_cli_bad_selection_exits_2_with_one_line(tmp_path, capsys, argv, message
                  *argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and message in err[-1] and err[-1].startswith("error: ")
+
+
+# -- the app's panel logic (ui/mask_panel.py) -------------------------------------------------------
+
+def test_panel_click_puts_the_mask_into_the_editor_as_a_layer(sam):
+    from ui import Limits
+    from ui.editing import mask_from_layers
+    from ui.mask_panel import PanelState, click, display_scale, edit_masks_for, editor_update, regrow, tool
+
+    image, circle, square = shapes()
+    picture, limits, seg = Image.fromarray(image), Limits(), GrabCutSegmenter()
+    k = display_scale(picture.size)  # the clickable picture is served enlarged: clicks come in its pixels
+    st = click(PanelState(), picture, seg, (40 * k, 48 * k), True, False, 0, limits)
+    assert iou(st.shown, circle) > 0.9 and st.selection.labels == (1,)
+    value = editor_update(picture, st.shown)
+    (layer,) = value["layers"]
+    assert value["composite"] is None and layer.mode == "RGBA" and layer.size == picture.size
+    assert (np.asarray(mask_from_layers([layer], picture.size)) > 0).tolist() == st.shown.tolist()
+
+    grown = regrow(st, st.shown, 4)  # the slider: the selection grown by 4 px
+    assert (grown.shown == grow(st.base, 4)).all()
+    assert (regrow(grown, grown.shown, 0).shown == st.base).all()  # back to 0: the selection again
+    painted = grown.shown.copy()
+    painted[:5, :5] = True  # painted on since: the slider grows the painted mask from there
+    assert (regrow(grown, painted, 6).shown == grow(painted, 2)).all()
+
+    corner = click(st, picture, seg, (14 * k, 22 * k), True, True, 0, limits)  # box: the first corner waits
+    assert corner.corner == (14, 22) and corner.shown is st.shown
+    boxed = click(corner, picture, seg, (66 * k, 74 * k), True, True, 0, limits)
+    assert boxed.selection.box == (14, 22, 67, 75) and iou(boxed.shown, circle) > 0.9
+
+    assert (tool(st, "invert", st.shown, picture, 0).shown == ~st.shown).all()
+    assert tool(st, "clear", st.shown, picture, 0).shown is None
+    with pytest.raises(InputError, match="the mask is empty"):
+        tool(st, "snap", np.zeros_like(circle), picture, 0)
+    with pytest.raises(InputError, match="over the limit"):
+        click(st, picture, seg, (40 * k, 48 * k), True, False, 0, Limits(max_pixels=100))
+    with pytest.raises(InputError, match="no segmenter"):
+        click(PanelState(), picture, None, (40 * k, 48 * k), True, False, 0, limits)
+
+    labels = [label for label, _ in edit_masks_for(st, st.shown, picture, seg, limits)]
+    assert labels[0] == "grow +0 px" and len(labels) == 3  # GrabCut: grown variants
+    one = click(PanelState(), picture, sam, (40 * k, 48 * k), True, False, 0, limits)
+    variants = edit_masks_for(one, one.shown, picture, sam, limits)  # SAM, one click: its three masks
+    assert [label for label, _ in variants] == ["SAM mask 1", "SAM mask 2", "SAM mask 3"]
+    assert (variants[0][1] == one.shown).all()

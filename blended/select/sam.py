@@ -93,7 +93,7 @@ class SamSegmenter:
         hit = self.cache.get(key)
         if hit is not None:
             return hit
-        inputs = self.processor(images=image, return_tensors="pt")
+        inputs = self.processor(images=image if image.flags.writeable else image.copy(), return_tensors="pt")
         pixels = inputs["pixel_values"].to(self.device, next(self.model.parameters()).dtype)
         entry = {"embeddings": self.model.get_image_embeddings(pixels),
                  "original_size": inputs["original_sizes"][0].tolist(),  # (h, w)
