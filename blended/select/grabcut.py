@@ -79,8 +79,11 @@ class GrabCutSegmenter:
         return "GrabCut (OpenCV, no weights)"
 
     def select(self, image: np.ndarray, selection: Selection, num_masks: int = 1) -> list[np.ndarray]:
-        """One (H, W) bool mask for `selection` (checked) on the (H, W, 3) uint8 RGB `image`. With a box,
-        GrabCut sees only the box and a margin of BOX_MARGIN of its size around it."""
+        """One (H, W) bool mask for `selection` (checked) on the (H, W, 3) uint8 RGB `image` (empty when GrabCut
+        keeps no more than the clicked dots). With a box, GrabCut sees only the box and a margin of BOX_MARGIN
+        of its size around it."""
+        import cv2
+
         h, w = image.shape[:2]
         selection.check((w, h))
         l, t, r, b = 0, 0, w, h
@@ -92,12 +95,15 @@ class GrabCutSegmenter:
                                 for x, y in selection.points), selection.labels,
                           None if selection.box is None else (bl - l, bt - t, br - l, bb - t))
         small, scale = scaled(image[t:b, l:r], self.work_side)
-        mask = grabcut(small, init_labels(small.shape[:2], local, scale))
+        labels = init_labels(small.shape[:2], local, scale)
+        mask = grabcut(small, labels)
         shape = small.shape[:2]
         if local.positive:  # the clicked object, not every patch of its colour
             mask &= touching(mask, at_scale(local.positive, scale, shape))
         if local.negative:  # and no part that holds a negative click
             mask &= ~touching(mask, at_scale(local.negative, scale, shape))
+        if local.box is None and mask.sum() <= 2 * (labels == cv2.GC_FGD).sum():
+            mask[:] = False  # only the clicked dots themselves: nothing found around them
         out = np.zeros((h, w), bool)
         out[t:b, l:r] = upscaled(mask, (r - l, b - t))
         return [out]

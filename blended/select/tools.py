@@ -100,6 +100,7 @@ def grabcut(image: np.ndarray, init: np.ndarray, iterations: int = 0) -> np.ndar
         return fg
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     bgr = np.ascontiguousarray(image[..., ::-1])
+    cv2.setRNGSeed(0)  # GrabCut's k-means starts from OpenCV's (per-thread) generator: the same input, the same mask
     cv2.grabCut(bgr, labels, None, bgd, fgd, iterations or GRABCUT_ITERATIONS, cv2.GC_INIT_WITH_MASK)
     return (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
 
