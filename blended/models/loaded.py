@@ -1,9 +1,7 @@
-"""Load Stable Diffusion 1.x / 2.x / SDXL checkpoints and the bundled demo model (hub id or folder)."""
+"""What every way in shares: `LoadedModel`, the presets, the device choice, quiet loading, one-line errors."""
 
 from __future__ import annotations
 
-import json
-import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,9 +9,9 @@ from typing import Any, Optional
 
 import torch
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parent.parent.parent / "assets"
 
 PRESETS = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -23,8 +21,6 @@ PRESETS = {
 }
 DEFAULT_MODEL = "sd21"
 RECOMMENDED_FILE = "blended.json"  # optional per-model EditConfig defaults, in the model folder
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,6 +33,19 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     recommended: dict = field(default_factory=dict)  # EditConfig overrides from blended.json
+    loras: tuple = ()  # LoraSpec per LoRA applied at load time, with its weight and the file's sha256
+    vae: Optional[str] = None  # the VAE folder or file that replaced the checkpoint's own, if any
+
+    @property
+    def is_inpainting(self) -> bool:
+        """A 9-channel inpainting UNet: latents, then the mask and the masked source's latents."""
+        return self.pipe.unet.config.in_channels == 2 * self.latent_channels + 1
+
+    def describe(self) -> dict:
+        """What produced an edit, for result.json and the batch hash: model, VAE, LoRAs with weights and digests."""
+        return {"model": self.name, "vae": self.vae,
+                "prediction_type": self.pipe.scheduler.config.get("prediction_type"),
+                "loras": [{"file": l.path, "weight": l.weight, "sha256": l.sha256} for l in self.loras]}
 
     @property
     def is_sdxl(self) -> bool:
@@ -88,8 +97,14 @@ def pick_device(device: Optional[str] = None, dtype: Optional[str] = None) -> tu
     return dev, dt
 
 
+def first_line(e: BaseException) -> str:
+    """An exception as one short line (its message's first line, else its type)."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
 @contextmanager
-def _quiet_loading():
+def quiet_loading():
     """Silence diffusers' and transformers' warnings and loading bars; downloads keep their own bars."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -109,58 +124,3 @@ def _quiet_loading():
             diffusers_logging.enable_progress_bar()
         if saved[3]:
             transformers_logging.enable_progress_bar()
-
-
-def load_model(model: str = DEFAULT_MODEL, *, device: Optional[str] = None, dtype: Optional[str] = None,
-               local_files_only: Optional[bool] = None) -> LoadedModel:
-    """Load a diffusers text-to-image checkpoint of the SD 1.x, 2.x or SDXL family (safetensors only).
-
-    Args:
-        model: a preset (`sd15`, `sd21`, `sdxl`, `demo`), a hub id (`org/name`) or a local folder
-            written by `save_pretrained`.
-        device: `cuda`, `cuda:1`, `mps`, `cpu`; default: the best available.
-        dtype: `fp16`, `bf16`, `fp32`; default: fp16 on accelerators, fp32 on the CPU.
-        local_files_only: do not try the network (default: only when HF_HUB_OFFLINE is set).
-
-    Raises:
-        ModelLoadError: one line naming the model and why it failed.
-    """
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    source = resolve(model)
-    dev, dt = pick_device(device, dtype)
-    is_dir = Path(source).is_dir()
-    if model == "demo" and not is_dir:
-        raise ModelLoadError(f"the bundled demo model is missing from {source}")
-    if not is_dir and (source.startswith((".", "/", "~")) or source.count("/") != 1):
-        raise ModelLoadError(f"model '{model}' is neither a preset ({', '.join(PRESETS)}), a folder, nor a hub id")
-    kwargs: dict[str, Any] = {"dtype": dt, "use_safetensors": True}
-    if local_files_only is not None:
-        kwargs["local_files_only"] = local_files_only
-    try:
-        with _quiet_loading():  # the hub's retry chatter and per-file bars would bury our one-line message
-            pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
-    except Exception as e:  # diffusers raises many kinds; the user needs one line
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if not is_dir and ("offline" in reason.lower() or "connect" in reason.lower() or "resolve" in reason.lower()
-                           or "cache" in reason.lower() or "not found" in reason.lower()):
-            reason = "not in the local cache and the hub cannot be reached"
-        where = "" if source == model else f" ({source})"
-        raise ModelLoadError(f"could not load model '{model}'{where}: {reason[:300]}") from e
-    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
-        raise ModelLoadError(f"model '{model}' is a {type(pipe).__name__}; blended edits with Stable Diffusion "
-                             "1.x/2.x/SDXL text-to-image checkpoints")
-    if pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
-        raise ModelLoadError(f"model '{model}' has a {pipe.unet.config.in_channels}-channel UNet (an inpainting "
-                             "checkpoint?); blended needs the text-to-image UNet of the family")
-    pipe.set_progress_bar_config(disable=True)
-    pipe.to(dev)
-    if dt == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
-        pipe.vae.to(torch.float32)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-        if module is not None:
-            module.requires_grad_(False).eval()
-    recommended: dict = {}
-    if is_dir and (Path(source) / RECOMMENDED_FILE).is_file():
-        recommended = json.loads((Path(source) / RECOMMENDED_FILE).read_text())
-    return LoadedModel(pipe=pipe, name=model, source=source, device=dev, dtype=dt, recommended=recommended)
