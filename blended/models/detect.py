@@ -83,7 +83,7 @@ def _what_else(keys: list[str]) -> str:
     """A short guess at what a file without a Stable Diffusion UNet is, for the error message."""
     if any(".lora_" in k or k.startswith(("lora_unet_", "lora_te")) or "lora_A" in k for k in keys):
         return "a LoRA: pass it with --lora (the app's LoRA picker)"
-    if any(k.startswith(("encoder.down.", "decoder.up.", "encoder.down_blocks.", "first_stage_model.")) for k in keys):
+    if any(k.startswith(("encoder.", "decoder.", "first_stage_model.", "vae.")) for k in keys):
         return "a VAE: pass it with --vae"
     if any(k.startswith(("down_blocks.", "conv_in.")) for k in keys):
         return "a UNet in diffusers' layout alone: point --model at its diffusers folder"
