@@ -104,15 +104,16 @@ def first_line(e: BaseException) -> str:
 
 
 @contextmanager
-def quiet_loading():
-    """Silence diffusers' and transformers' warnings and loading bars; downloads keep their own bars."""
+def quiet_loading(level: int = 40):
+    """Silence diffusers' and transformers' warnings (messages below `level`: 40 = errors pass, 50 = only
+    critical ones) and loading bars; downloads keep their own bars."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     saved = (diffusers_logging.get_verbosity(), transformers_logging.get_verbosity(),
              diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled())
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity(level)
+    transformers_logging.set_verbosity(level)
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     try:

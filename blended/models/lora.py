@@ -78,11 +78,12 @@ def apply_loras(pipe: Any, loras: Sequence[LoraSpec | str]) -> tuple[LoraSpec, .
         read_header(path, "LoRA")  # pickles refused; truncated or foreign files get their one line
         name = f"lora{i}"
         try:
-            with quiet_loading():
+            with quiet_loading(50):  # a mismatch is logged line by line before it is raised: the one line below says it
                 pipe.load_lora_weights(str(path), adapter_name=name)
         except Exception as e:  # size mismatches (another architecture), unknown key formats
-            raise ModelLoadError(f"LoRA {path.name} does not fit this model (made for another architecture?): "
-                                 f"{first_line(e)[:200]}") from e
+            reason = "its layer shapes differ from this model's" if "size mismatch" in str(e) else first_line(e)
+            raise ModelLoadError(f"LoRA {path.name} does not fit this model (made for another architecture, "
+                                 f"e.g. SDXL vs SD 1.x?): {reason[:200]}") from e
         if _adapted(pipe, name) == 0:
             raise ModelLoadError(f"LoRA {path.name} changes none of this model's layers (made for another "
                                  "architecture?)")
