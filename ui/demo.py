@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import os
 import queue
 import threading
 import time
@@ -21,6 +22,7 @@ from blended.models import PRESETS
 from .editing import SIDES, OutputDir, StopSwitch, brush_radius, caption, checked_image, continue_history, \
     editor_inputs, extend_canvas, extension, mask_layer, progress_label, server_defaults, settings_to_config
 from .limits import Limits
+from .models_panel import ModelSlot, models_panel
 from .speed import cpu_notice
 from .zerogpu import gpu
 
@@ -121,7 +123,7 @@ def settings_widgets(defaults: EditConfig, limits: Limits) -> dict[str, gr.compo
 
 
 def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optional[str] = None,
-                speed: Optional[str] = "auto") -> gr.Blocks:
+                speed: Optional[str] = "auto", models_dir: Optional[str] = None) -> gr.Blocks:
     """Build the app around `editor` (not launched: call `.queue(...)` and `.launch(...)` on it).
 
     Args:
@@ -130,11 +132,15 @@ def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optiona
         notice: an extra line for the demo-model banner (e.g. why the requested model is not in use).
         speed: a banner about the time an edit takes here; "auto" times one UNet call when a Stable Diffusion
             model runs on the CPU (`ui.speed.cpu_notice`), None shows none.
+        models_dir: the model picker's folder of models and LoRAs (default: $BLENDED_MODELS_DIR; none: the
+            bundled presets only).
 
     API endpoints: `/edit` (image file, mask file, prompt, settings JSON -> gallery, result JSON) and
     `/stop` (stops the running edits of the caller's session).
     """
     limits = limits or Limits.from_env()
+    editor = editor if isinstance(editor, ModelSlot) else ModelSlot(editor)  # the model picker swaps what it holds
+    models_dir = models_dir if models_dir is not None else os.environ.get("BLENDED_MODELS_DIR")
     defaults = server_defaults(editor.defaults, limits)
     files = OutputDir()
     switch = StopSwitch()
@@ -262,6 +268,7 @@ def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optiona
                     live_preview = gr.Checkbox(value=True, label="Live preview while denoising (a rough look "
                                                "at the candidates forming)", elem_id="live-preview")
                     settings = settings_widgets(defaults, limits)
+                models_panel(editor, models_dir)
             with gr.Column(scale=1):
                 gallery = gr.Gallery(label="Candidates, best first", format="png", columns=2, height="auto",
                                      object_fit="contain", elem_id="gallery")

@@ -79,19 +79,27 @@ def read_header(path: Path, what: str = "model") -> dict[str, list[int]]:
     return shapes
 
 
-def _what_else(keys: list[str]) -> str:
-    """A short guess at what a file without a Stable Diffusion UNet is, for the error message."""
+def kind_of(keys: list[str]) -> str:
+    """'checkpoint', 'lora', 'vae', 'diffusers-unet', 'sd3', 'flux' or 'other', from tensor names alone."""
+    if any(k.startswith(UNET + "input_blocks.") for k in keys):
+        return "checkpoint"
     if any(".lora_" in k or k.startswith(("lora_unet_", "lora_te")) or "lora_A" in k for k in keys):
-        return "a LoRA: pass it with --lora (the app's LoRA picker)"
+        return "lora"
     if any(k.startswith(("encoder.", "decoder.", "first_stage_model.", "vae.")) for k in keys):
-        return "a VAE: pass it with --vae"
+        return "vae"
     if any(k.startswith(("down_blocks.", "conv_in.")) for k in keys):
-        return "a UNet in diffusers' layout alone: point --model at its diffusers folder"
+        return "diffusers-unet"
     if any(".joint_blocks." in k for k in keys):
-        return "Stable Diffusion 3, which blended does not run"
-    if any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys):
-        return "a Flux model, which blended does not run"
-    return "not a Stable Diffusion checkpoint"
+        return "sd3"
+    if any(k.startswith(("double_blocks.", UNET + "double_blocks.")) for k in keys):
+        return "flux"
+    return "other"
+
+
+WHAT_ELSE = {"lora": "a LoRA: pass it with --lora (the app's LoRA picker)", "vae": "a VAE: pass it with --vae",
+             "diffusers-unet": "a UNet in diffusers' layout alone: point --model at its diffusers folder",
+             "sd3": "Stable Diffusion 3, which blended does not run", "flux": "a Flux model, which blended does not run",
+             "other": "not a Stable Diffusion checkpoint"}
 
 
 def detect(shapes: dict[str, list[int]], name: str = "model") -> CheckpointInfo:
@@ -99,7 +107,8 @@ def detect(shapes: dict[str, list[int]], name: str = "model") -> CheckpointInfo:
     keys = list(shapes)
     conv_in = shapes.get(UNET + "input_blocks.0.0.weight")
     if conv_in is None:
-        raise ModelLoadError(f"{name} has no Stable Diffusion UNet (model.diffusion_model.*): {_what_else(keys)}")
+        raise ModelLoadError(f"{name} has no Stable Diffusion UNet (model.diffusion_model.*): "
+                             f"{WHAT_ELSE.get(kind_of(keys), WHAT_ELSE['other'])}")
     latent = shapes.get(UNET + "out.2.weight", [conv_in[1]])[0]
     in_channels = conv_in[1]
     if in_channels not in (latent, 2 * latent + 1):
