@@ -53,7 +53,10 @@ def test_detect_reads_family_and_channels_from_the_header(tiny_dirs, sd1_file, t
 def test_single_file_loads_offline_with_the_folders_weights(tiny_dirs, sd1_file):
     from blended.models import load_model
 
-    folder, single = _pipe(tiny_dirs["sd1"]), load_model(str(sd1_file), model_config=str(tiny_dirs["sd1"])).pipe
+    folder = _pipe(tiny_dirs["sd1"])
+    single = load_model(str(sd1_file), model_config=str(tiny_dirs["sd1"]), prediction_type="v_prediction").pipe
+    assert folder.scheduler.config.prediction_type == "epsilon"  # a file cannot tell: --prediction-type says it
+    assert single.scheduler.config.prediction_type == "v_prediction"
     for part in ("unet", "vae", "text_encoder"):
         assert _same(getattr(folder, part).state_dict(), getattr(single, part).state_dict()), part
 
