@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 from .config import BACKGROUND_METHODS, SCHEDULERS, EditConfig
 from .errors import EditCancelled, InputError, ModelLoadError
-from .models import DEFAULT_MODEL, PRESETS
+from .models import DEFAULT_MODEL, PREDICTION_TYPES, PRESETS, parse_lora
 
 EXIT_INPUT = 2  # bad input: unreadable file, empty mask, size mismatch, option out of range
 EXIT_MODEL = 1  # the model could not be loaded
@@ -34,6 +34,8 @@ FLAGS = {
     "feather": ("--feather", int, "seam band in pixels outside the mask; beyond it the output is the input, bit for bit"),
     "mask_threshold": ("--mask-threshold", float, "mask values above this fraction are edited"),
     "mask_grow": ("--mask-grow", int, "grow the mask by this many pixels before the edit (negative: shrink)"),
+    "inpainting_mask_weight": ("--inpainting-mask-weight", float, "9-channel inpainting models: the source the "
+                               "UNet sees, 1 = with the mask's pixels blanked (the hole), 0 = the whole source"),
     "mask_blur": ("--mask-blur", float, "fade the edit into the image over a Gaussian blur of the mask's edge of this "
                   "many pixels, outwards (0 = the --feather band)"),
 }
@@ -94,21 +96,35 @@ def _add_edit_options(p: argparse.ArgumentParser) -> None:
                    help="skip CLIP ranking (candidates stay in seed order)")
     p.add_argument("--no-safety-checker", dest="safety_checker", action="store_const", const=False, default=None,
                    help="turn the checkpoint's safety checker off (local use)")
-    p.add_argument("--model", default=None, help=f"preset ({', '.join(PRESETS)}), hub id or folder "
-                   f"(default: {DEFAULT_MODEL}, falling back to demo when it cannot be loaded)")
+    p.add_argument("--no-inpainting-conditioning", dest="inpainting_conditioning", action="store_const", const=False,
+                   default=None, help="9-channel inpainting models: give the UNet zeros instead of the mask and "
+                   "masked source (the latent blend alone keeps the background)")
+    p.add_argument("--model", default=None, help=f"preset ({', '.join(PRESETS)}), hub id, diffusers folder or a "
+                   f".safetensors checkpoint (SD 1.x/2.x/SDXL, 4- or 9-channel; default: {DEFAULT_MODEL}, falling "
+                   "back to demo when it cannot be loaded)")
+    p.add_argument("--model-config", default=None, help="a diffusers folder of configs for a .safetensors checkpoint "
+                   "whose family's bundled configs do not fit (default: the bundled ones)")
+    p.add_argument("--vae", default=None, help="a VAE folder (diffusers) or .safetensors file replacing the model's")
+    p.add_argument("--lora", dest="loras", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="a LoRA .safetensors (diffusers or kohya format) with its weight (default 1); repeatable")
+    p.add_argument("--prediction-type", default=None, choices=list(PREDICTION_TYPES),
+                   help="override the scheduler's prediction type (a single file cannot tell; SD 2.x 768 files "
+                   "are v_prediction, the default for SD 2.x files)")
     p.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: the best available)")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    names = list(FLAGS) + ["shrink", "invert_mask", "soft_mask", "rank", "safety_checker"]
+    names = list(FLAGS) + ["shrink", "invert_mask", "soft_mask", "rank", "safety_checker", "inpainting_conditioning"]
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
 def _load_editor(args: argparse.Namespace):
     from .editor import Editor
 
-    kw = {"device": args.device, "dtype": args.dtype, "ranker": None if args.rank is False else "auto"}
+    kw = {"device": args.device, "dtype": args.dtype, "ranker": None if args.rank is False else "auto",
+          "vae": args.vae, "loras": [parse_lora(l) for l in args.loras], "prediction_type": args.prediction_type,
+          "model_config": args.model_config}
     if args.model is not None:
         return Editor.load(args.model, **kw)
     try:

@@ -35,7 +35,7 @@ from .errors import EditCancelled, InputError, OutOfMemory
 JOB_KEYS = ("id", "image", "mask", "prompt")
 SETTINGS = {f.name: f for f in dataclasses.fields(EditConfig)}
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # one folder name, never a path
-HASH_VERSION = 1  # bump when what the hash covers changes, so old results are redone
+HASH_VERSION = 2  # 2: the model key holds the VAE and the LoRAs' digests and weights; bump when what the hash covers changes, so old results are redone
 SUMMARY = "summary.jsonl"
 EXIT_OK, EXIT_FAILED, EXIT_MANIFEST = 0, 1, 2
 
@@ -161,6 +161,13 @@ def settings_hash(job: Job, config: EditConfig, model: str, cache: Optional[dict
     payload = {"version": HASH_VERSION, "model": model, "prompt": job.prompt, "settings": config.to_dict(),
                "image": _file_digest(job.image, "image", cache), "mask": _file_digest(job.mask, "mask", cache)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def model_key(model: Any) -> str:
+    """What of the loaded model goes into the hash: its name, VAE, prediction type, and each LoRA's weight and
+    sha256 (a LoRA file rewritten in place changes the key)."""
+    describe = getattr(model, "describe", None)
+    return json.dumps(describe(), sort_keys=True) if describe else model.name
 
 
 def _done(folder: Path, digest: str) -> Optional[dict]:
@@ -317,7 +324,7 @@ def run_batch(manifest: str | Path, out: str | Path, *, overrides: dict[str, Any
     # their views of the disk differ (several machines); it plans before any process writes a result
     planned = None
     if state.is_main_process:
-        planned = plan(jobs, base, editor.model.name, out, force)
+        planned = plan(jobs, base, model_key(editor.model), out, force)
         out.mkdir(parents=True, exist_ok=True)
     if state.num_processes > 1:
         planned = broadcast_object_list([planned])[0]

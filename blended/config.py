@@ -56,6 +56,8 @@ class EditConfig:
     latent_lr: float = 0.05  # Adam learning rate of `latent` (on scaled latents)
     # -- selection (issue 22: blended/select) --
     mask_grow: int = 0  # pixels of the upload the mask grows by before the edit (negative: shrinks); grey levels grow as a max filter
+    inpainting_mask_weight: float = 1.0  # 9-channel inpainting UNets: the source they see, lerp(source, source with the mask blanked, w) (A1111's inpainting_mask_weight): 1 = the hole, 0 = the whole source
+    inpainting_conditioning: bool = True  # 9-channel inpainting UNets: give them the mask and masked source (False: zeros, the UNet runs as text-to-image); the latent blend runs either way
     rank: bool = True  # score candidates with CLIP and sort them best first
     safety_checker: bool = True  # run the checkpoint's safety checker where it has one
 
@@ -98,6 +100,7 @@ class EditConfig:
             (0 <= self.decoder_margin <= 1024, "decoder_margin must be between 0 (auto) and 1024 latent pixels"),
             (0 <= self.decoder_blocks <= 16, "decoder_blocks must be between 0 (all) and 16"),
             (0 <= self.decoder_patience <= 1000, "decoder_patience must be between 0 and 1000 steps"),
+            (0.0 <= self.inpainting_mask_weight <= 1.0, "inpainting_mask_weight must be in [0, 1]"),
             (1 <= self.latent_steps <= 1000, "latent_steps must be between 1 and 1000"),
             (0.0 < self.latent_lr <= 10.0, "latent_lr must be in (0, 10]"),
         ]

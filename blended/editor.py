@@ -20,7 +20,7 @@ from .masks import crop_strength, latent_strength, mask_schedule, strength_map
 from .models import DEFAULT_MODEL, LoadedModel, load_model
 from .sampler import blend_loop
 from .schedulers import schedule
-from .unet_call import encode_prompt, make_denoise
+from .unet_call import encode_prompt, inpaint_conditioning, make_denoise
 
 Preview = Callable[[int, int, list[Image.Image]], None]  # (done steps, total steps, preview images)
 Progress = Callable[[str, int, int], None]  # (stage, done, total); stages: encoding, denoising, decoding, reconstructing, ranking
@@ -52,6 +52,7 @@ class EditResult:
     timings: dict[str, float]  # seconds per stage
     region: Region  # what was edited, at which size
     notes: list[str] = field(default_factory=list)  # things the user should know (prompt cut, ...)
+    model_info: dict = field(default_factory=dict)  # LoadedModel.describe(): VAE, LoRAs with weights and digests
 
     @property
     def images(self) -> list[Image.Image]:
@@ -61,6 +62,8 @@ class EditResult:
         return {
             "prompt": self.prompt,
             "model": self.model,
+            "vae": self.model_info.get("vae"),
+            "loras": self.model_info.get("loras", []),
             "candidates": [{"rank": i + 1, "seed": c.seed, "scores": c.scores, "filtered": c.filtered,
                             **({"mask": c.mask} if c.mask else {})} for i, c in enumerate(self.candidates)],
             "settings": self.config.to_dict(),
@@ -106,9 +109,10 @@ class Editor:
     @classmethod
     def load(cls, model: str = DEFAULT_MODEL, *, device: Optional[str] = None, dtype: Optional[str] = None,
              ranker: Any = "auto", local_files_only: Optional[bool] = None,
-             max_pixels: int = DEFAULT_MAX_PIXELS) -> "Editor":
-        """Load a model (see `blended.models.load_model`) and the ranker that fits it ("auto", None or a Ranker)."""
-        loaded = load_model(model, device=device, dtype=dtype, local_files_only=local_files_only)
+             max_pixels: int = DEFAULT_MAX_PIXELS, **load_options: Any) -> "Editor":
+        """Load a model (see `blended.models.load_model`; `load_options`: vae, loras, prediction_type,
+        model_config) and the ranker that fits it ("auto", None or a Ranker)."""
+        loaded = load_model(model, device=device, dtype=dtype, local_files_only=local_files_only, **load_options)
         if ranker == "auto":
             from .ranking import ranker_for
 
@@ -304,6 +308,7 @@ class Editor:
         z_core = latent_strength(work_strength * work_target, m.vae_scale_factor, "core")  # latents wholly inside the target
         masks = mask_schedule(z_mask.to(m.device, m.dtype), len(timesteps), cfg.shrink_kernels, cfg.shrink,
                               z_core.to(m.device, m.dtype), cfg.core_steps)
+        cond = inpaint_conditioning(m, cond, self._vae_encode, x_source, work_mask, z_mask, cfg)  # 9-channel UNets
         seeds = [cfg.seed + i for i in range(cfg.num_candidates)]
         chunks = [seeds[i:i + cfg.batch_size] for i in range(0, len(seeds), cfg.batch_size)]
         total_steps = len(timesteps) * len(chunks)
@@ -395,4 +400,4 @@ class Editor:
         timings["total"] = sum(timings.values())
         report("done", 1, 1)
         return EditResult(candidates=candidates, prompt=prompt, config=cfg, model=m.name, timings=timings,
-                          region=region, notes=notes)
+                          region=region, notes=notes, model_info=m.describe())

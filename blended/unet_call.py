@@ -61,6 +61,32 @@ def encode_prompt(model: Any, prompt: str, negative_prompt: str, guided: bool, s
     return Conditioning(torch.cat([neg, emb]) if guided else emb, guided)
 
 
+def inpaint_conditioning(model: Any, cond: Conditioning, encode: Any, x_source: torch.Tensor, pixel_mask: Any,
+                         latent_mask: torch.Tensor, config: Any) -> Conditioning:
+    """`cond` with a 9-channel inpainting UNet's extra input; unchanged for other UNets.
+
+    The extra channels are the latent mask (1 = edit) and the latents of the source with the masked pixels
+    blanked by `config.inpainting_mask_weight` (A1111's: lerp(source, masked source, w); 1 shows the UNet the
+    hole, 0 the whole source); `inpainting_conditioning=False` gives zeros (the UNet as text-to-image).
+
+    Args:
+        encode: (1, 3, H, W) in [-1, 1] -> scaled latents (1, C, h, w).
+        x_source: (1, 3, H, W) source at work size; pixel_mask: (H, W) bool, True = edit.
+        latent_mask: (1, 1, h, w) edit strengths of the blend.
+    """
+    if not model.is_inpainting:
+        return cond
+    m = (latent_mask > 0).to(x_source.device, model.dtype)  # (1, 1, h, w)
+    if config.inpainting_conditioning:
+        hole = torch.as_tensor(pixel_mask, dtype=x_source.dtype, device=x_source.device)[None, None]  # (1, 1, H, W)
+        z = encode(x_source * (1 - config.inpainting_mask_weight * hole))  # (1, C, h, w)
+        extra = torch.cat([m, z.to(m.dtype)], 1)
+    else:
+        extra = torch.zeros(1, 1 + model.latent_channels, *m.shape[-2:], device=m.device, dtype=m.dtype)
+    rows = cond.encoder_hidden_states.shape[0]  # G: the negative rows get the same image conditions
+    return dataclasses.replace(cond, extra_channels=extra.repeat(rows, 1, 1, 1))
+
+
 def make_denoise(unet: Any, scheduler: Any, cond: Conditioning, guidance_scale: float) -> Denoise:
     """`(latents (B, C, h, w), t) -> noise_pred (B, C, h, w)`, guided by `guidance_scale` when `cond.guided`.
 

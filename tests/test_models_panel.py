@@ -1,0 +1,53 @@
+"""The app's model picker: the folder scan, loading with a failure that keeps the model, LoRA switching (issue 20)."""
+
+import numpy as np
+from conftest import box_mask, scene
+from ldm_layout import write_single_file
+from test_lora import make_lora
+
+from ui.models_panel import ModelSlot, load_into
+
+EDIT = dict(num_inference_steps=2, num_candidates=1, rank=False, guidance_scale=3.0)
+
+
+def test_scan_tells_models_loras_and_vaes_apart(tiny_dirs, tmp_path):
+    import torch
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import save_file
+
+    from blended.models.catalog import scan
+
+    (tmp_path / "folder-model").symlink_to(tiny_dirs["sd1"], target_is_directory=True)
+    write_single_file(DiffusionPipeline.from_pretrained(str(tiny_dirs["sd1"])), tmp_path / "single.safetensors")
+    (tmp_path / "loras").mkdir()
+    make_lora(tiny_dirs["sd1"], tmp_path / "loras" / "style")
+    (tmp_path / "loras" / "style" / "pytorch_lora_weights.safetensors").rename(tmp_path / "loras" / "style.safetensors")
+    save_file({"decoder.conv_in.weight": torch.zeros(1)}, str(tmp_path / "my-vae.safetensors"))
+    (tmp_path / "broken.safetensors").write_text("not a model")
+    models, loras = scan(tmp_path)
+    assert [label for label, _ in models] == ["broken.safetensors", "folder-model", "single.safetensors"]
+    assert [label for label, _ in loras] == ["loras/style.safetensors"]
+
+
+def test_a_failed_load_keeps_the_model_and_a_lora_leaves_no_residue(tiny_dirs, sd1_editor, tmp_path):
+    slot = ModelSlot(sd1_editor)
+    args = (scene(32, 32), box_mask(32, 32, (8, 8, 24, 24)), "a cat")
+    base = np.asarray(slot.edit(*args, **EDIT).images[0])
+    bad = tmp_path / "bad.safetensors"
+    bad.write_text("not a model")
+    status = load_into(slot, str(bad))
+    assert status.startswith("**Could not load it:**") and "not a safetensors file" in status
+    assert slot.current is sd1_editor
+    lora = make_lora(tiny_dirs["sd1"], tmp_path / "lora")
+    assert load_into(slot, str(tiny_dirs["sd1"]), [str(lora)], 1.0).startswith("In use:")
+    assert slot.model.loras and not np.array_equal(np.asarray(slot.edit(*args, **EDIT).images[0]), base)
+    assert load_into(slot, str(tiny_dirs["sd1"]), [], 1.0).startswith("In use:")
+    assert not slot.model.loras and np.array_equal(np.asarray(slot.edit(*args, **EDIT).images[0]), base)
+
+
+def test_the_app_shows_the_picker(sd1_editor, tmp_path):
+    from ui import create_demo
+
+    demo = create_demo(sd1_editor, speed=None, models_dir=str(tmp_path))
+    ids = {c.get("props", {}).get("elem_id") for c in demo.config["components"]}
+    assert {"model-picker", "load-model", "model-status"} <= ids
