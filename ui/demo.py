@@ -70,9 +70,10 @@ def editor_value(background: Any, layers: Optional[list] = None) -> dict:
 
 
 def is_demo_model(editor: Editor) -> bool:
-    """True when the editor runs the bundled demo model (by preset name or by its folder)."""
+    """True when the editor runs a bundled demo model, `demo` or `demo-fast` (by preset name or by its folder)."""
     m = editor.model
-    return m.name == "demo" or Path(m.source).resolve() == Path(PRESETS["demo"]).resolve()
+    return m.name in ("demo", "demo-fast") or any(Path(m.source).resolve() == Path(PRESETS[name]).resolve()
+                                                   for name in ("demo", "demo-fast"))
 
 
 def load_examples(folder: Path = EXAMPLES) -> list[dict]:
