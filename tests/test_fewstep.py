@@ -61,11 +61,14 @@ def test_distilled_unet_reads_the_scale_and_runs_once_per_candidate(lcm_editor):
     assert (d.scheduler, d.num_inference_steps, d.guidance_scale) == ("lcm", 4, 7.5)  # the scale is kept
     image, mask = scene(40, 32), box_mask(40, 32, BOX)
     rows, handle = _count_calls(lcm_editor)
+    previews = []
     try:
-        a = lcm_editor.edit(image, mask, "a cat", num_candidates=3, batch_size=2, seed=4)
+        a = lcm_editor.edit(image, mask, "a cat", num_candidates=3, batch_size=2, seed=4,
+                            preview=lambda done, total, ims: previews.append((done, total, len(ims))))
     finally:
         handle.remove()
     assert sum(rows) == 4 * 3 and rows == [2] * 4 + [1] * 4  # steps x candidates: no guidance doubling
+    assert previews == [(1, 8, 2), (2, 8, 2), (3, 8, 2), (5, 8, 1), (6, 8, 1), (7, 8, 1)]  # live previews still come
     b = lcm_editor.edit(image, mask, "a cat", num_candidates=3, batch_size=3, seed=4)
     c = lcm_editor.edit(image, mask, "a cat", num_candidates=1, seed=4, guidance_scale=2.0)
     src = np.asarray(image)
@@ -160,6 +163,18 @@ def test_speed_estimate_of_a_few_step_edit():
     cfg = EditConfig(scheduler="lcm", num_inference_steps=4, guidance_scale=7.5, blend_start=0.5, num_candidates=4)
     assert edit_seconds(cfg, 2.0, guided=False) == 4 * 4 * 1.0  # every LCM step runs; one UNet row per candidate
     assert edit_seconds(cfg.replace(scheduler="ddim"), 2.0) == 2 * 4 * 2.0
+
+
+def test_app_defaults_and_cpu_banner_follow_a_few_step_model(lcm_editor):
+    from ui import Limits, create_demo
+    from ui.speed import cpu_notice
+
+    text = cpu_notice(lcm_editor, lcm_editor.defaults, per_call=3.0)  # 3 s for a guided batch of 2
+    assert "4 candidates x 4 steps" in text and "about 24 s" in text  # 16 unguided rows x 1.5 s
+    demo = create_demo(lcm_editor, limits=Limits(), speed=None)
+    sliders = {c["props"].get("label"): c["props"].get("value") for c in demo.config["components"]
+               if c.get("type") == "slider"}
+    assert sliders["Denoising steps"] == 4 and sliders["Guidance scale"] == 7.5
 
 
 def test_demo_fast_is_a_preset_with_its_settings():

@@ -96,7 +96,8 @@ def settings_widgets(defaults: EditConfig, limits: Limits) -> dict[str, gr.compo
                                     value=defaults.num_candidates)
     w["num_inference_steps"] = gr.Slider(1, limits.max_steps, step=1, label="Denoising steps",
                                          value=defaults.num_inference_steps)
-    w["guidance_scale"] = gr.Slider(1.0, max(20.0, defaults.guidance_scale), step=0.5, label="Guidance scale",
+    w["guidance_scale"] = gr.Slider(min(1.0, defaults.guidance_scale), max(20.0, defaults.guidance_scale), step=0.5,
+                                    label="Guidance scale",
                                     value=defaults.guidance_scale)
     with gr.Row():
         w["seed"] = gr.Number(value=defaults.seed, precision=0, minimum=0, label="Seed")
