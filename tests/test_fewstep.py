@@ -186,3 +186,26 @@ def test_demo_fast_is_a_preset_with_its_settings():
     unet = json.loads((folder / "unet" / "config.json").read_text())
     assert unet["time_cond_proj_dim"] and json.loads((folder / "scheduler" / "scheduler_config.json").read_text())[
         "_class_name"] == "LCMScheduler"
+
+
+def test_demo_fast_edits_in_four_unguided_steps():
+    """The bundled distilled model through the public loader: its ranker, its settings, 4 x 4 UNet rows, and the
+    asked colour in the top candidate of the demo model's held-out test cases (tests/test_demo_model.py)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import analyse
+    import scenes
+
+    editor = Editor.load("demo-fast", device="cpu")
+    assert editor.ranker is not None and editor.defaults.num_inference_steps == 4
+    rows, handle = _count_calls(editor)
+    try:
+        for k in (3, 11, 42):
+            image, mask, prompt, colour, _ = scenes.make_edit_case(scenes.HELDOUT_SEED_START + k)
+            top = np.asarray(editor.edit(image, mask.astype(np.uint8) * 255, prompt, seed=0).candidates[0].image)
+            assert analyse.analyse_region(top, mask)[0] == colour, prompt
+    finally:
+        handle.remove()
+    assert sum(rows) == 3 * 4 * 4
