@@ -117,7 +117,7 @@ def one(model: str, fraction: float, variant: str, threads: int) -> dict:
            "stats_s": marks["recorded"] - start, "step_s": marks["step"] - marks["recorded"],
            "base_mib": base_rss, "peak_mib": peak, "rise_mib": peak - base_rss}
     if variant == "after":
-        out["checkpointing"] = bool(bg.needs_checkpointing(window))
+        out["checkpointing"] = bool(bg.needs_checkpointing(bg.LatentDecoder(vae), window, torch.device("cpu")))
     return out
 
 

@@ -36,7 +36,8 @@ from .images import seam_weights
 Progress = Callable[[int, int], None]  # (done, total) optimisation steps
 ShouldStop = Callable[[], bool]
 
-CHECKPOINT_PIXELS = 128 * 128  # `latent`/`decoder` windows larger than this recompute activations in backward
+CPU_ACTIVATION_BYTES = 2 * 2**30  # on the CPU, `latent`/`decoder` recompute activations in backward above this estimate
+CUDA_FREE_SHARE = 0.5  # on CUDA, above this share of the free device memory
 MIN_IMPROVEMENT = 0.1  # early stopping: a candidate is done when `patience` steps lowered its loss by less than this
 
 
@@ -451,10 +452,11 @@ def optimize_latents(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tenso
     decoded, source, mask = decoded.float().to(dev), source.float().to(dev), mask.float().to(dev)
     window = latent_window(mask, latent_size, margin)
     base = LatentDecoder(vae)
-    base.checkpointing = needs_checkpointing(window) if checkpointing is None else checkpointing
+    B = latents.shape[0]
+    rows = min(batch_size, B)  # decoded together in each step
+    base.checkpointing = needs_checkpointing(base, window, dev, rows) if checkpointing is None else checkpointing
     cand, src, w_in, w_out = _targets(window, decoded, source, mask, lam)
     latents = latents.float().to(dev)
-    B = latents.shape[0]
     groups = [list(range(i, min(i + batch_size, B))) for i in range(0, B, batch_size)]
     total, outs = steps * len(groups), []
     sl = (..., slice(window.top, window.bottom), slice(window.left, window.right))
@@ -491,9 +493,28 @@ def optimize_latents(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tenso
     return paste(window, torch.cat(outs), source, latent_size)
 
 
-def needs_checkpointing(window: Window) -> bool:
-    """Whether a window is large enough for activation checkpointing to pay (see `CHECKPOINT_PIXELS`)."""
-    return (window.bottom - window.top) * (window.right - window.left) * window.factor ** 2 > CHECKPOINT_PIXELS
+def activation_bytes(base: LatentDecoder, window: Window, rows: int = 1) -> int:
+    """Rough bytes that autograd keeps for one candidate's decode of `window` without checkpointing: about
+    eight fp32 maps per resnet of each up block at its resolution (docs/fewstep.md checks it against
+    bench/decoder_memory.py's measurements)."""
+    blocks = base.decoder.up_blocks
+    pixels = (window.bottom - window.top) * (window.right - window.left) * window.factor ** 2  # output pixels
+    maps = 0
+    for k, block in enumerate(blocks):
+        shrink = 4 ** max(len(blocks) - 1 - k, 0)  # up block k runs at 1 / 2^(n-1-k) of the output's side
+        maps += len(block.resnets) * 8 * block.resnets[0].out_channels * pixels // shrink
+    return 4 * maps * rows
+
+
+def needs_checkpointing(base: LatentDecoder, window: Window, device: torch.device, rows: int = 1) -> bool:
+    """Whether backprop through `window` should recompute activations: on CUDA when their estimate
+    (`activation_bytes`) exceeds `CUDA_FREE_SHARE` of the free memory, elsewhere above `CPU_ACTIVATION_BYTES`.
+    Checkpointing costs about one more decoder pass per step, so it runs only when memory asks for it."""
+    need = activation_bytes(base, window, rows)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return need > CUDA_FREE_SHARE * free
+    return need > CPU_ACTIVATION_BYTES
 
 
 def _decode_each(base: LatentDecoder, tensors: dict[str, torch.Tensor], x: torch.Tensor, start: int,
@@ -529,8 +550,8 @@ def finetune_decoder(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tenso
             over stacked weights: per-element, so the same as separate runs); default on CUDA only.
         checkpointing: recompute the decoder's activations in the backward pass (each resnet of the up blocks,
             the mid block, the output layers) instead of keeping them: the same gradients, a fraction of the
-            memory, some more time (docs/benchmarks.md). Default: on when the window has more than
-            `CHECKPOINT_PIXELS` pixels. Not with vectorised copies.
+            memory, some more time (docs/benchmarks.md). Default: when memory asks for it (`needs_checkpointing`:
+            free CUDA memory, a size rule on the CPU). Not with vectorised copies.
         Others as in `reconstruct`.
 
     Returns:
@@ -543,7 +564,7 @@ def finetune_decoder(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tenso
     decoded, source, mask = decoded.float().to(dev), source.float().to(dev), mask.float().to(dev)
     window = latent_window(mask, latent_size, margin)
     base = LatentDecoder(vae)  # fp32 copy; functional_call swaps in each candidate's weights
-    base.checkpointing = needs_checkpointing(window) if checkpointing is None else checkpointing
+    base.checkpointing = needs_checkpointing(base, window, dev) if checkpointing is None else checkpointing
     start = 0 if blocks <= 0 else max(base.num_stages - 1 - blocks, 0)  # first trained stage
     tuned = {id(p) for m in base.stage_modules(start) for p in m.parameters()}
     cand, src, w_in, w_out = _targets(window, decoded, source, mask, lam)

@@ -13,7 +13,7 @@ BACKGROUND_NOISE = ("fixed", "fresh")
 BACKGROUND_TIMESTEPS = ("next", "own")
 LATENT_MASK_MODES = ("any", "nearest", "core")
 BACKGROUND_METHODS = ("none", "stitch", "poisson", "latent", "decoder")
-SCHEDULERS = ("ddim", "dpm++", "euler")
+SCHEDULERS = ("ddim", "dpm++", "euler", "euler-a", "lcm", "tcd")  # the last three: few-step models (docs/fewstep.md)
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,14 @@ from PIL import Image
 
 from .config import EditConfig
 from .errors import InputError, ModelLoadError, OutOfMemory
+from .fewstep import recommended_for_model
 from .images import (DEFAULT_MAX_PIXELS, ImageLike, Region, composite, crop_to_work, load_image, load_mask,
                      load_mask_values, paste_back, plan_region, seam_weights)
 from .masks import crop_strength, latent_strength, mask_schedule, strength_map
 from .models import DEFAULT_MODEL, LoadedModel, load_model
 from .sampler import blend_loop
-from .schedulers import schedule
-from .unet_call import encode_prompt, inpaint_conditioning, make_denoise
+from .schedulers import schedule, step_kwargs
+from .unet_call import conditions, inpaint_conditioning, make_denoise
 
 Preview = Callable[[int, int, list[Image.Image]], None]  # (done steps, total steps, preview images)
 Progress = Callable[[str, int, int], None]  # (stage, done, total); stages: encoding, denoising, decoding, reconstructing, ranking
@@ -121,9 +122,11 @@ class Editor:
 
     @property
     def defaults(self) -> EditConfig:
-        """EditConfig defaults with the model's own recommendations (its blended.json) applied."""
+        """EditConfig defaults with the model's own recommendations applied: a few-step model's scheduler, steps
+        and guidance (`blended.fewstep`), then its blended.json."""
         known = {f.name for f in dataclasses.fields(EditConfig)}
-        return EditConfig().replace(**{k: v for k, v in self.model.recommended.items() if k in known})
+        recommended = {**recommended_for_model(self.model.source, self.model.pipe), **self.model.recommended}
+        return EditConfig().replace(**{k: v for k, v in recommended.items() if k in known})
 
     # -- stages ----------------------------------------------------------------------------------
 
@@ -296,8 +299,7 @@ class Editor:
         # 2. encode: z_init and the text conditions
         x_source = _to_tensor(work_image).to(m.device)  # (1, 3, H, W)
         z_init = self._vae_encode(x_source)  # (1, C, H/f, W/f)
-        guided = cfg.guidance_scale > 1.0
-        cond = encode_prompt(m, prompt, cfg.negative_prompt, guided, region.work_size)
+        cond = conditions(m, prompt, cfg.negative_prompt, cfg.guidance_scale, region.work_size)
         lap("encode")
 
         # 3. latent masks: edit strength per latent, then one mask per step (soft thresholds, shrinking, core)
@@ -334,11 +336,12 @@ class Editor:
             denoise = make_denoise(pipe.unet, sched, cond.repeat(len(chunk)), cfg.guidance_scale)
 
             x0 = [None]  # the last step's clean-latent estimate, kept only for the preview
+            kw = step_kwargs(cfg.scheduler, generators)  # LCM, TCD, Euler-a draw noise in `step`: from the seeds
 
-            def step(noise_pred, t, latents, sched=sched, x0=x0):
+            def step(noise_pred, t, latents, sched=sched, x0=x0, kw=kw):
                 if previewer is None:
-                    return sched.step(noise_pred, t, latents, return_dict=False)[0]
-                out = sched.step(noise_pred, t, latents)
+                    return sched.step(noise_pred, t, latents, return_dict=False, **kw)[0]
+                out = sched.step(noise_pred, t, latents, **kw)
                 x0[0] = predicted_x0(out, sched, noise_pred, t, latents)
                 return out.prev_sample
 

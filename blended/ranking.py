@@ -26,6 +26,7 @@ from .models import ASSETS
 
 DEFAULT_CLIP = ("ViT-B-16", "openai")  # the paper's ranking model
 DEMO_MODEL = ASSETS / "demo"
+DEMO_FAST = ASSETS / "demo-fast"  # the demo model distilled to few steps (tools/train_fast.py): the same world
 DEMO_RANKER = ASSETS / "demo_ranker"  # open_clip_config.json + open_clip_model.safetensors (tools/train_demo.py)
 RANKER_SUFFIX = "_ranker"  # a model folder `X` may bring its own ranker folder `X_ranker` next to it
 
@@ -319,12 +320,12 @@ class Ranker:
 def ranker_for(model_source: str, device: Optional[str] = None) -> Optional[Ranker]:
     """The ranker that fits a loaded model (`LoadedModel.source`): not loaded until its first `score`.
 
-    The bundled demo model (`assets/demo`) gets its own small ranker from `assets/demo_ranker`; any model
+    The bundled demo models (`assets/demo`, `assets/demo-fast`) get their own small ranker from `assets/demo_ranker`; any model
     folder `X` with a sibling folder `X_ranker` holding `open_clip_config.json` gets that one; everything
     else gets the paper's ViT-B-16/openai. (None would mean "no ranking"; no source gives that today.)
     """
     src = Path(model_source).expanduser()
-    if src.resolve() == DEMO_MODEL.resolve():
+    if src.resolve() in (DEMO_MODEL.resolve(), DEMO_FAST.resolve()):
         return Ranker(str(DEMO_RANKER), None, device=device)
     own = src.parent / (src.name + RANKER_SUFFIX)
     if src.is_dir() and (own / "open_clip_config.json").is_file():

@@ -10,6 +10,7 @@ a few-step (LCM-distilled) UNet's `timestep_cond`, a 9-channel inpainting UNet's
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -42,6 +43,22 @@ class Conditioning:
             extra_channels=rep(self.extra_channels),
             added_cond_kwargs=None if self.added_cond_kwargs is None else
             {k: rep(v) for k, v in self.added_cond_kwargs.items()})
+
+
+def guidance_embedding(guidance_scale: float, dim: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(batch, dim) sinusoidal embedding of `guidance_scale - 1` (VDM), the `timestep_cond` of an LCM-distilled UNet.
+
+    The scale - 1 convention is diffusers' LatentConsistencyModelPipeline's: the UNet was distilled from a
+    teacher guided by `uncond + (w + 1) * (text - uncond)` and reads w.
+    """
+    w = torch.full((batch,), (guidance_scale - 1.0) * 1000.0, dtype=torch.float32)
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    emb = w[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    if dim % 2:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb.to(dtype)
 
 
 def encode_prompt(model: Any, prompt: str, negative_prompt: str, guided: bool, size: tuple[int, int]) -> Conditioning:
@@ -85,6 +102,25 @@ def inpaint_conditioning(model: Any, cond: Conditioning, encode: Any, x_source: 
         extra = torch.zeros(1, 1 + model.latent_channels, *m.shape[-2:], device=m.device, dtype=m.dtype)
     rows = cond.encoder_hidden_states.shape[0]  # G: the negative rows get the same image conditions
     return dataclasses.replace(cond, extra_channels=extra.repeat(rows, 1, 1, 1))
+
+
+def is_guided(unet: Any, guidance_scale: float) -> bool:
+    """True when a step evaluates the UNet twice (classifier-free guidance): a scale above 1 on a UNet without
+    a guidance embedding. An LCM-distilled UNet reads the scale as `timestep_cond` and runs once."""
+    return guidance_scale > 1.0 and getattr(unet.config, "time_cond_proj_dim", None) is None
+
+
+def conditions(model: Any, prompt: str, negative_prompt: str, guidance_scale: float,
+               size: tuple[int, int]) -> Conditioning:
+    """`encode_prompt` with the guidance each UNet takes: classifier-free (`is_guided`), or, for a UNet with
+    `time_cond_proj_dim`, the embedding of `guidance_scale` as its `timestep_cond` (no negative prompt)."""
+    unet = model.pipe.unet
+    cond = encode_prompt(model, prompt, negative_prompt, is_guided(unet, guidance_scale), size)
+    dim = getattr(unet.config, "time_cond_proj_dim", None)
+    if dim is None:
+        return cond
+    emb = guidance_embedding(guidance_scale, dim, cond.encoder_hidden_states.shape[0])
+    return dataclasses.replace(cond, timestep_cond=emb.to(model.device, cond.encoder_hidden_states.dtype))
 
 
 def make_denoise(unet: Any, scheduler: Any, cond: Conditioning, guidance_scale: float) -> Denoise:

