@@ -14,7 +14,7 @@ from PIL import Image
 
 from .config import EditConfig
 from .errors import InputError, ModelLoadError, OutOfMemory
-from .fewstep import recommended_for_model
+from .fewstep import recommended_for_lora, recommended_for_model
 from .images import (DEFAULT_MAX_PIXELS, ImageLike, Region, composite, crop_to_work, load_image, load_mask,
                      load_mask_values, paste_back, plan_region, seam_weights)
 from .masks import crop_strength, latent_strength, mask_schedule, strength_map
@@ -65,6 +65,7 @@ class EditResult:
             "model": self.model,
             "vae": self.model_info.get("vae"),
             "loras": self.model_info.get("loras", []),
+            "recommended": self.model_info.get("recommended", {}),  # the model's (and its LoRAs') own defaults
             "candidates": [{"rank": i + 1, "seed": c.seed, "scores": c.scores, "filtered": c.filtered,
                             **({"mask": c.mask} if c.mask else {})} for i, c in enumerate(self.candidates)],
             "settings": self.config.to_dict(),
@@ -121,12 +122,20 @@ class Editor:
         return cls(loaded, ranker, max_pixels=max_pixels)
 
     @property
-    def defaults(self) -> EditConfig:
-        """EditConfig defaults with the model's own recommendations applied: a few-step model's scheduler, steps
-        and guidance (`blended.fewstep`), then its blended.json."""
-        known = {f.name for f in dataclasses.fields(EditConfig)}
+    def recommended(self) -> dict[str, Any]:
+        """The model's own settings: a few-step checkpoint's scheduler, steps and guidance (`blended.fewstep`),
+        then its blended.json, then those of an LCM or TCD LoRA loaded with a non-zero weight."""
         recommended = {**recommended_for_model(self.model.source, self.model.pipe), **self.model.recommended}
-        return EditConfig().replace(**{k: v for k, v in recommended.items() if k in known})
+        for lora in getattr(self.model, "loras", ()):
+            if lora.weight != 0:
+                recommended.update(recommended_for_lora(lora.path))
+        return recommended
+
+    @property
+    def defaults(self) -> EditConfig:
+        """EditConfig defaults with `recommended` applied."""
+        known = {f.name for f in dataclasses.fields(EditConfig)}
+        return EditConfig().replace(**{k: v for k, v in self.recommended.items() if k in known})
 
     # -- stages ----------------------------------------------------------------------------------
 
@@ -403,4 +412,5 @@ class Editor:
         timings["total"] = sum(timings.values())
         report("done", 1, 1)
         return EditResult(candidates=candidates, prompt=prompt, config=cfg, model=m.name, timings=timings,
-                          region=region, notes=notes, model_info=m.describe())
+                          region=region, notes=notes,
+                          model_info={**m.describe(), "recommended": self.recommended})

@@ -121,3 +121,18 @@ def test_a_lora_for_another_architecture_gets_one_line(tiny_dirs, loras, tmp_pat
                  "--model", str(tiny_dirs["sd1"]), "--lora", str(loras["xl"]), "--quiet", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: LoRA") and err.count("\n") == 1, err
+
+
+def test_an_lcm_lora_brings_its_few_step_settings_and_the_result_records_them(tiny_dirs, loras, tmp_path):
+    import shutil
+
+    lcm = tmp_path / "lcm-lora-sdv1-5.safetensors"  # named as the published LCM-LoRA is
+    shutil.copy(loras["a"], lcm)
+    ed = lora_editor(tiny_dirs, LoraSpec(str(lcm), 1.0))
+    assert (ed.defaults.scheduler, ed.defaults.num_inference_steps, ed.defaults.guidance_scale) == ("lcm", 4, 1.0)
+    result = ed.edit(scene(32, 32), box_mask(32, 32, (8, 8, 24, 24)), "a cat", num_candidates=1, rank=False)
+    info = result.to_json()
+    assert info["recommended"]["scheduler"] == "lcm" and info["settings"]["num_inference_steps"] == 4
+    # a style LoRA, or the LCM-LoRA at weight 0, leaves the model's own defaults
+    assert lora_editor(tiny_dirs, LoraSpec(str(loras["a"]), 1.0)).defaults.scheduler == "ddim"
+    assert lora_editor(tiny_dirs, LoraSpec(str(lcm), 0.0)).defaults.scheduler == "ddim"
