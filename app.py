@@ -5,7 +5,8 @@
     python app.py --model path/to/sd-folder --device cuda --dtype fp16 --port 7860
 
 Limits come from the environment: BLENDED_MAX_UPLOAD_MB, BLENDED_MAX_PIXELS, BLENDED_MAX_CANDIDATES,
-BLENDED_MAX_STEPS, BLENDED_MAX_RESOLUTION, BLENDED_CONCURRENCY, BLENDED_MAX_QUEUE (see docs/app.md).
+BLENDED_MAX_STEPS, BLENDED_MAX_RESOLUTION, BLENDED_CONCURRENCY, BLENDED_MAX_QUEUE (see docs/app.md); the model picker lists
+BLENDED_MODELS_DIR (diffusers folders, .safetensors checkpoints and LoRAs; docs/models.md).
 """
 
 from __future__ import annotations
