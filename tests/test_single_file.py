@@ -138,3 +138,22 @@ def test_bad_files_get_one_line_and_cli_status_1(tiny_dirs, sd1_file, tmp_path, 
                        "--prompt", "x", "--model", str(path), "--quiet", "--out", str(tmp_path / "o")])
         err = capsys.readouterr().err
         assert status == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_the_bundled_sd1_folder_loads_a_file_offline(tiny_dirs, sd1_file, tmp_path, monkeypatch):
+    """The bundled model_index, tokenizer and scheduler configs as they ship, with the three weight-bearing
+    configs swapped for the tiny model's sizes: from_single_file reads them all without the network."""
+    import shutil
+
+    from blended.models import load_model
+    from blended.models.single_file import config_folder
+
+    monkeypatch.setenv("BLENDED_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "sd1-tiny-sizes"
+    shutil.copytree(config_folder("sd1"), folder)
+    for part in ("unet", "vae", "text_encoder"):
+        shutil.copy(tiny_dirs["sd1"] / part / "config.json", folder / part / "config.json")
+    pipe = load_model(str(sd1_file), model_config=str(folder)).pipe
+    assert type(pipe.tokenizer).__name__.startswith("CLIPTokenizer")
+    assert pipe.tokenizer("a red circle").input_ids == [49406, 320, 736, 7117, 49407]
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear" and pipe.safety_checker is None
