@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..errors import ModelLoadError
-from .detect import PICKLE_SUFFIXES
+from .detect import PICKLE_SUFFIXES, read_header
 from .loaded import ASSETS, DEFAULT_MODEL, PRESETS, RECOMMENDED_FILE, LoadedModel, pick_device, resolve
 from .lora import LoraSpec, apply_loras, parse_lora
 
@@ -72,6 +72,11 @@ def load_model(model: str = DEFAULT_MODEL, *, device: Optional[str] = None, dtyp
         raise ModelLoadError(f"prediction type '{prediction_type}': use {' or '.join(PREDICTION_TYPES)}")
     source = resolve(model)
     dev, dt = pick_device(device, dtype)
+    loras = [parse_lora(l) if isinstance(l, str) else l for l in loras]
+    for spec in loras:  # cheap checks before the model's load: a missing, pickled or broken LoRA fails at once
+        read_header(Path(spec.path).expanduser(), "LoRA")
+    if vae is not None and not Path(vae).expanduser().is_dir():
+        read_header(Path(vae).expanduser(), "VAE")
     path = Path(source).expanduser()
     single = path.suffix.lower() in (".safetensors",) + PICKLE_SUFFIXES or path.is_file()
     if single:
