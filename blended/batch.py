@@ -4,7 +4,8 @@
     accelerate launch --multi_gpu --num_processes N -m blended batch JOBS.jsonl --out DIR [edit options]
 
 A job is one JSON object per line: `image`, `mask`, `prompt`, an optional `id` (default: its line number
-as 4 digits) and any `EditConfig` setting under its own name. Relative paths are read from the manifest's
+as 4 digits), optional `loras` (the job's own LoRAs instead of the command's: ["FILE[:WEIGHT]", ...], [] = none;
+docs/models.md) and any `EditConfig` setting under its own name. Relative paths are read from the manifest's
 folder. Each job writes `DIR/<id>/01.png ...` and `result.json` (as `edit` does, plus the job and a hash of
 everything that made its images); `DIR/summary.jsonl` lists every job. A job whose `result.json` holds the
 same hash is skipped on a rerun.
