@@ -5,7 +5,8 @@
     python app.py --model path/to/sd-folder --device cuda --dtype fp16 --port 7860
 
 Limits come from the environment: BLENDED_MAX_UPLOAD_MB, BLENDED_MAX_PIXELS, BLENDED_MAX_CANDIDATES,
-BLENDED_MAX_STEPS, BLENDED_MAX_RESOLUTION, BLENDED_CONCURRENCY, BLENDED_MAX_QUEUE (see docs/app.md).
+BLENDED_MAX_STEPS, BLENDED_MAX_RESOLUTION, BLENDED_CONCURRENCY, BLENDED_MAX_QUEUE (see docs/app.md); the model picker lists
+BLENDED_MODELS_DIR (diffusers folders, .safetensors checkpoints and LoRAs; docs/models.md).
 """
 
 from __future__ import annotations
@@ -23,8 +24,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     ap = argparse.ArgumentParser(description="blended: text-driven local image editing in the browser")
     ap.add_argument("--model", default=os.environ.get("BLENDED_MODEL", DEFAULT_MODEL),
-                    help=f"a preset ({', '.join(PRESETS)}), a hub id or a folder (default: $BLENDED_MODEL or "
+                    help=f"a preset ({', '.join(PRESETS)}), a hub id, a folder or a .safetensors checkpoint (default: $BLENDED_MODEL or "
                          f"{DEFAULT_MODEL}); falls back to the demo model when it cannot be loaded")
+    ap.add_argument("--vae", default=None, help="a VAE folder or .safetensors file replacing the model's")
+    ap.add_argument("--lora", dest="loras", action="append", default=[], metavar="FILE[:WEIGHT]",
+                    help="a LoRA (diffusers or kohya format) with its weight (default 1); repeatable")
+    ap.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
+                    help="override the scheduler's prediction type (a single file cannot tell)")
     ap.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: the best available)")
     ap.add_argument("--dtype", default=None, help="fp16, bf16 or fp32 (default: fp16 on accelerators, fp32 on CPU)")
     ap.add_argument("--host", default=None, help="address to listen on (default: gradio's, 127.0.0.1 or "
@@ -37,13 +43,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def load_editor(model: str, device, dtype):
-    """(Editor, notice): the requested model, or the demo model with a one-line notice when it cannot be loaded."""
-    from blended import Editor, ModelLoadError
+def load_editor(model: str, device, dtype, **options):
+    """(Editor, notice): the requested model (`options`: vae, loras, prediction_type), or the demo model with a
+    one-line notice when it cannot be loaded."""
+    from blended import Editor, InputError, ModelLoadError
 
     try:
-        return Editor.load(model, device=device, dtype=dtype), None
-    except ModelLoadError as e:
+        return Editor.load(model, device=device, dtype=dtype, **options), None
+    except (ModelLoadError, InputError) as e:  # InputError: a malformed --lora FILE:WEIGHT
         if model == "demo":
             raise SystemExit(f"blended: {e}") from None
         notice = f"The requested model '{model}' could not be loaded, so the bundled demo model is in use ({e})."
@@ -64,7 +71,8 @@ def main(argv=None) -> None:
     except ValueError as e:
         raise SystemExit(f"blended: {e}") from None
     on_zerogpu()  # imports `spaces` on ZeroGPU before any CUDA work, as it requires
-    editor, notice = load_editor(args.model, args.device, args.dtype)
+    editor, notice = load_editor(args.model, args.device, args.dtype, vae=args.vae, loras=args.loras,
+                                 prediction_type=args.prediction_type)
     speed = None
     if not is_demo_model(editor):  # Stable Diffusion on a CPU: say so, with a time per edit from one UNet call
         from ui.editing import server_defaults

@@ -231,8 +231,9 @@ def _selected(args: argparse.Namespace, source) -> list:
 def run_batch_command(args: argparse.Namespace) -> int:
     from .batch import run_batch
 
-    def load(device: Optional[str]):
-        return _load_editor(argparse.Namespace(**{**vars(args), "device": device}))
+    def load(device: Optional[str], loras=None):  # loras: a job's own LoRAs (LoraSpec) instead of --lora
+        own = {} if loras is None else {"loras": [f"{l.path}:{l.weight}" for l in loras]}
+        return _load_editor(argparse.Namespace(**{**vars(args), "device": device, **own}))
 
     return run_batch(args.manifest, args.out, overrides=_overrides(args), load_editor=load, device=args.device,
                      force=args.force, quiet=args.quiet, threads=args.threads)

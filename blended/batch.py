@@ -4,7 +4,8 @@
     accelerate launch --multi_gpu --num_processes N -m blended batch JOBS.jsonl --out DIR [edit options]
 
 A job is one JSON object per line: `image`, `mask`, `prompt`, an optional `id` (default: its line number
-as 4 digits) and any `EditConfig` setting under its own name. Relative paths are read from the manifest's
+as 4 digits), optional `loras` (the job's own LoRAs instead of the command's: ["FILE[:WEIGHT]", ...], [] = none;
+docs/models.md) and any `EditConfig` setting under its own name. Relative paths are read from the manifest's
 folder. Each job writes `DIR/<id>/01.png ...` and `result.json` (as `edit` does, plus the job and a hash of
 everything that made its images); `DIR/summary.jsonl` lists every job. A job whose `result.json` holds the
 same hash is skipped on a rerun.
@@ -30,9 +31,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .config import EditConfig
-from .errors import EditCancelled, InputError, OutOfMemory
+from .errors import EditCancelled, InputError, ModelLoadError, OutOfMemory
 
-JOB_KEYS = ("id", "image", "mask", "prompt")
+JOB_KEYS = ("id", "image", "mask", "prompt", "loras")
 SETTINGS = {f.name: f for f in dataclasses.fields(EditConfig)}
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # one folder name, never a path
 HASH_VERSION = 2  # 2: the model key holds the VAE and the LoRAs' digests and weights; bump when what the hash covers changes, so old results are redone
@@ -54,6 +55,7 @@ class Job:
     mask: Path
     prompt: str
     settings: dict[str, Any]  # EditConfig fields as written on the line (checked when the job runs)
+    loras: Optional[tuple] = None  # the job's own LoRAs (LoraSpec, paths resolved); None = the command's --lora
 
 
 # -- the manifest ------------------------------------------------------------------------------------
@@ -103,10 +105,33 @@ def read_manifest(path: str | Path) -> list[Job]:
             raise ManifestError(f"{where}: id '{job_id}' is already used on line {seen[job_id]}")
         seen[job_id] = n
         jobs.append(Job(line=n, id=job_id, image=base / obj["image"], mask=base / obj["mask"], prompt=obj["prompt"],
-                        settings={k: v for k, v in obj.items() if k in SETTINGS}))
+                        settings={k: v for k, v in obj.items() if k in SETTINGS},
+                        loras=_job_loras(obj["loras"], base, where) if "loras" in obj else None))
     if not jobs:
         raise ManifestError(f"{path} has no jobs (one JSON object per line)")
     return jobs
+
+
+def _job_loras(value: Any, base: Path, where: str) -> tuple:
+    """A job's `loras`: a list of "FILE[:WEIGHT]" strings or {"file": ..., "weight": ...} objects, paths read
+    from the manifest's folder; [] = no LoRA for this job."""
+    from .models.lora import LoraSpec, parse_lora
+
+    if not isinstance(value, list):
+        raise ManifestError(f"{where}: 'loras' must be a list of \"FILE[:WEIGHT]\" strings or "
+                            "{\"file\": ..., \"weight\": ...} objects")
+    specs = []
+    for item in value:
+        if isinstance(item, str):
+            spec = parse_lora(item)
+        elif isinstance(item, dict) and isinstance(item.get("file"), str) and \
+                isinstance(item.get("weight", 1.0), (int, float)) and not isinstance(item.get("weight"), bool):
+            spec = LoraSpec(item["file"], float(item.get("weight", 1.0)))
+        else:
+            raise ManifestError(f"{where}: a LoRA is \"FILE[:WEIGHT]\" or {{\"file\": ..., \"weight\": ...}}, "
+                                f"got {json.dumps(item)}")
+        specs.append(LoraSpec(str(base / spec.path), spec.weight))
+    return tuple(specs)
 
 
 def coerce_settings(settings: dict[str, Any]) -> dict[str, Any]:
@@ -241,9 +266,19 @@ def _has_accelerator() -> bool:
         torch.backends.mps.is_available()
 
 
-def plan(jobs: list[Job], base: EditConfig, model: str, out: Path, force: bool) -> tuple[list[tuple], dict[str, dict]]:
+def _job_model_key(model: Any, job: Job, cache: dict) -> str:
+    """`model_key` of the model the job runs on: the loaded one, or the same with the job's own LoRAs."""
+    if job.loras is None:
+        return model_key(model)
+    described = {**model.describe(), "loras": [{"file": l.path, "weight": l.weight,
+                                                 "sha256": _file_digest(Path(l.path), "LoRA", cache)}
+                                                for l in job.loras]}
+    return json.dumps(described, sort_keys=True)
+
+
+def plan(jobs: list[Job], base: EditConfig, model: Any, out: Path, force: bool) -> tuple[list[tuple], dict[str, dict]]:
     """Check every job's settings and files and hash them: (pending (job, config, digest), rows of jobs that need
-    no run: errors and, without `force`, those already done)."""
+    no run: errors and, without `force`, those already done). `model`: the LoadedModel (or its key string)."""
     pending, rows, digests = [], {}, {}
     for job in jobs:
         try:
@@ -252,7 +287,8 @@ def plan(jobs: list[Job], base: EditConfig, model: str, out: Path, force: bool) 
                 config.validate()
             except (ValueError, TypeError) as e:
                 raise InputError(str(e)) from None
-            digest = settings_hash(job, config, model, digests)
+            key = model if isinstance(model, str) else _job_model_key(model, job, digests)
+            digest = settings_hash(job, config, key, digests)
         except InputError as e:
             rows[job.id] = _row(job, "error", str(e), None, 0.0)
             continue
@@ -263,6 +299,8 @@ def plan(jobs: list[Job], base: EditConfig, model: str, out: Path, force: bool) 
                                 _best_score(info), seconds)
         else:
             pending.append((job, config, digest))
+    # jobs with their own LoRAs run grouped by LoRA set (stable), so each set is loaded once per process
+    pending.sort(key=lambda p: "" if p[0].loras is None else json.dumps([(l.path, l.weight) for l in p[0].loras]))
     return pending, rows
 
 
@@ -276,7 +314,8 @@ def run_batch(manifest: str | Path, out: str | Path, *, overrides: dict[str, Any
         out: the output folder; DIR/<id>/ per job and DIR/summary.jsonl.
         overrides: EditConfig fields for every job (the command's edit options), under the model's
             recommendations and over them, and under each job's own settings.
-        load_editor: called once per process with the device to use (None: the best available).
+        load_editor: called once per process with the device to use (None: the best available), and again
+            with (device, loras) for each LoRA set that jobs name (`loras` in the manifest).
         device: the device of a single process; several processes each take their own (accelerate's).
         force: redo jobs whose results already exist with the same settings.
         threads: torch CPU threads per process (None: torch's default, or accelerate's OMP_NUM_THREADS).
@@ -324,7 +363,7 @@ def run_batch(manifest: str | Path, out: str | Path, *, overrides: dict[str, Any
     # their views of the disk differ (several machines); it plans before any process writes a result
     planned = None
     if state.is_main_process:
-        planned = plan(jobs, base, model_key(editor.model), out, force)
+        planned = plan(jobs, base, editor.model, out, force)
         out.mkdir(parents=True, exist_ok=True)
     if state.num_processes > 1:
         planned = broadcast_object_list([planned])[0]
@@ -337,9 +376,18 @@ def run_batch(manifest: str | Path, out: str | Path, *, overrides: dict[str, Any
         desc = "jobs" if state.num_processes == 1 else f"jobs (process 0 of {state.num_processes})"
         bar = tqdm(share, desc=desc, unit="job", disable=quiet or not state.is_main_process, file=sys.stderr,
                    dynamic_ncols=True)
+        loaded = {None: editor}  # LoRA set -> editor; a set's editor is dropped when the next set is loaded
         for job, config, digest in bar:
             bar.set_postfix_str(job.id, refresh=False)
-            row = run_job(editor, job, config, digest, out)
+            if job.loras not in loaded:
+                loaded = {None: editor}
+                try:
+                    loaded[job.loras] = load_editor(device, job.loras)
+                except (InputError, ModelLoadError) as e:  # this set's jobs fail with its one line; others go on
+                    loaded[job.loras] = e
+            current = loaded[job.loras]
+            row = _row(job, "error", str(current), None, 0.0) if isinstance(current, Exception) else \
+                run_job(current, job, config, digest, out)
             if row["status"] == "error" and state.is_main_process and not quiet:
                 bar.write(f"job {job.id} (line {job.line}): {row['message']}", file=sys.stderr)
             mine.append(row)

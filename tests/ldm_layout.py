@@ -97,17 +97,55 @@ def _text_model(key: str) -> str:
     return key if key.startswith("text_model.") else f"text_model.{key}"
 
 
-def write_single_file(pipe, path: Path, *, text_encoders: bool = True) -> Path:
-    """Write `pipe` (SD 1.x or SDXL components) as one original-layout `.safetensors` file.
+_OPENCLIP = {"embeddings.token_embedding.weight": "token_embedding.weight",
+             "embeddings.position_embedding.weight": "positional_embedding",
+             "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+_OPENCLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                   "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
 
-    SD 1.x's text encoder goes under `cond_stage_model.transformer.`; with `text_encoders=False` (SDXL, whose
-    OpenCLIP-layout second encoder this helper does not write) the file holds the UNet and the VAE only.
+
+def clip_to_openclip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text encoder -> OpenCLIP's layout (SD 2.x `cond_stage_model.model.`, SDXL's second
+    encoder): q/k/v stacked into `in_proj`, `text_projection` transposed (the identity when there is none);
+    the reverse of diffusers' `convert_open_clip_checkpoint`."""
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    out = {_OPENCLIP[k]: v for k, v in state.items() if k in _OPENCLIP}
+    hidden = state["final_layer_norm.weight"].shape[0]
+    proj = state.get("text_projection.weight")
+    out["text_projection"] = proj.T if proj is not None else torch.eye(hidden)
+    for key, value in state.items():
+        m = re.match(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", key)
+        if not m:
+            continue
+        i, module, param = m.groups()
+        if module == "self_attn.q_proj":
+            qkv = [state[f"encoder.layers.{i}.self_attn.{p}_proj.{param}"] for p in "qkv"]
+            out[f"transformer.resblocks.{i}.attn.in_proj_{param}"] = torch.cat(qkv)
+        elif module in _OPENCLIP_LAYER:
+            out[f"transformer.resblocks.{i}.{_OPENCLIP_LAYER[module]}.{param}"] = value
+    return out
+
+
+def write_single_file(pipe, path: Path, *, text_encoders: bool = True) -> Path:
+    """Write `pipe` (SD 1.x, 2.x or SDXL components) as one original-layout `.safetensors` file.
+
+    Text encoders as the family's files hold them: SD 1.x's CLIP under `cond_stage_model.transformer.`, SD 2.x's
+    OpenCLIP under `cond_stage_model.model.`, SDXL's two under `conditioner.embedders.0.transformer.` and
+    `conditioner.embedders.1.model.`; `text_encoders=False` writes the UNet and the VAE only.
     """
     from safetensors.torch import save_file
 
     state = {UNET + k: v for k, v in unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config).items()}
     state.update({VAE + k: v for k, v in vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config).items()})
     if text_encoders:
-        state.update({CLIP_SD1 + _text_model(k): v for k, v in pipe.text_encoder.state_dict().items()})
+        clip = pipe.text_encoder.state_dict()
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            state.update({CLIP_SDXL_1 + _text_model(k): v for k, v in clip.items()})
+            state.update({"conditioner.embedders.1.model." + k: v
+                          for k, v in clip_to_openclip(pipe.text_encoder_2.state_dict()).items()})
+        elif pipe.unet.config.use_linear_projection:  # SD 2.x
+            state.update({"cond_stage_model.model." + k: v for k, v in clip_to_openclip(clip).items()})
+        else:
+            state.update({CLIP_SD1 + _text_model(k): v for k, v in clip.items()})
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path

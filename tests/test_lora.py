@@ -136,3 +136,35 @@ def test_an_lcm_lora_brings_its_few_step_settings_and_the_result_records_them(ti
     # a style LoRA, or the LCM-LoRA at weight 0, leaves the model's own defaults
     assert lora_editor(tiny_dirs, LoraSpec(str(loras["a"]), 1.0)).defaults.scheduler == "ddim"
     assert lora_editor(tiny_dirs, LoraSpec(str(lcm), 0.0)).defaults.scheduler == "ddim"
+def test_batch_jobs_with_their_own_loras(tiny_dirs, loras, tmp_path):
+    from blended.__main__ import main
+
+    scene(32, 32).save(tmp_path / "src.png")
+    box_mask(32, 32, (8, 8, 24, 24)).save(tmp_path / "mask.png")
+    shutil_copy = __import__("shutil").copy
+    shutil_copy(loras["a"], tmp_path / "a.safetensors")
+    job = {"image": "src.png", "mask": "mask.png", "prompt": "a cat"}
+    lines = [{**job, "id": "base"}, {**job, "id": "styled", "loras": ["a.safetensors:0.5"]},
+             {**job, "id": "none", "loras": []}, {**job, "id": "bad", "loras": [{"file": "missing.safetensors"}]}]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    batch = ["batch", str(tmp_path / "jobs.jsonl"), "--out", str(tmp_path / "b"), "--steps", "2", "--candidates", "1",
+             "--no-rank", "--quiet", "--model", str(tiny_dirs["sd1"])]
+    assert main(batch) == 1  # the job whose LoRA is missing fails alone
+    rows = {json.loads(l)["id"]: json.loads(l) for l in (tmp_path / "b" / "summary.jsonl").read_text().splitlines()}
+    assert [rows[i]["status"] for i in ("base", "styled", "none", "bad")] == ["ok", "ok", "ok", "error"]
+    assert rows["bad"]["message"].startswith("the LoRA file does not exist")
+    image = lambda i: np.asarray(__import__("PIL.Image").Image.open(tmp_path / "b" / i / "01.png"))
+    assert np.array_equal(image("base"), image("none")) and not np.array_equal(image("base"), image("styled"))
+    info = json.loads((tmp_path / "b" / "styled" / "result.json").read_text())
+    assert [(l["file"], l["weight"]) for l in info["loras"]] == [(str(tmp_path / "a.safetensors"), 0.5)]
+    assert main(batch) == 1
+    rows = [json.loads(l)["status"] for l in (tmp_path / "b" / "summary.jsonl").read_text().splitlines()]
+    assert rows == ["skipped", "skipped", "skipped", "error"]
+
+
+def test_a_malformed_loras_key_names_its_line(tmp_path):
+    from blended.batch import ManifestError, read_manifest
+
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"image": "a.png", "mask": "m.png", "prompt": "x", "loras": "a"}))
+    with pytest.raises(ManifestError, match="line 1: 'loras' must be a list"):
+        read_manifest(tmp_path / "jobs.jsonl")

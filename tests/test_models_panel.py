@@ -51,3 +51,15 @@ def test_the_app_shows_the_picker(sd1_editor, tmp_path):
     demo = create_demo(sd1_editor, speed=None, models_dir=str(tmp_path))
     ids = {c.get("props", {}).get("elem_id") for c in demo.config["components"]}
     assert {"model-picker", "load-model", "model-status"} <= ids
+
+
+def test_app_flags_load_a_lora_and_fall_back_with_a_notice(tiny_dirs, tmp_path):
+    import app
+
+    args = app.parse_args(["--model", str(tiny_dirs["sd1"]), "--lora", "style.safetensors:0.5", "--vae", "v/"])
+    assert (args.loras, args.vae) == (["style.safetensors:0.5"], "v/")
+    lora = make_lora(tiny_dirs["sd1"], tmp_path / "lora")
+    editor, notice = app.load_editor(str(tiny_dirs["sd1"]), None, None, loras=[f"{lora}:0.5"])
+    assert notice is None and [(l.path, l.weight) for l in editor.model.loras] == [(str(lora), 0.5)]
+    editor, notice = app.load_editor(str(tiny_dirs["sd1"]), None, None, loras=[str(tmp_path / "missing.safetensors")])
+    assert editor.model.name == "demo" and "does not exist" in notice

@@ -75,19 +75,40 @@ def test_sdxl_file_with_text_encoders_passed_in(tiny_dirs, tmp_path):
         load_single_file(path, dtype=torch.float32, config=str(tiny_dirs["sdxl"]))
 
 
-def test_cli_model_file_gives_the_folders_pixels(tiny_dirs, sd1_file, tmp_path):
+@pytest.fixture(scope="module")
+def sdxl_dir(tiny_dirs, tmp_path_factory):
+    """The tiny SDXL with text encoders of different widths (16 and 48, as SDXL's 768 and 1280 differ): diffusers
+    tells a file's two encoders apart by width, so the shared tiny model's two 32-wide ones would be confused."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from tiny import _text_encoder
+
+    pipe = _pipe(tiny_dirs["sdxl"])
+    torch.manual_seed(0)
+    pipe.text_encoder = _text_encoder(CLIPTextModel, 16, "gelu")
+    pipe.text_encoder_2 = _text_encoder(CLIPTextModelWithProjection, 48, "gelu", projection_dim=32)
+    folder = tmp_path_factory.mktemp("sdxl") / "sdxl"
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
+def test_cli_model_file_gives_the_folders_pixels(tiny_dirs, sdxl_dir, kind, tmp_path):
+    """A whole original-layout file (UNet, VAE, the family's text encoders) edits like its diffusers folder."""
     from blended.__main__ import main
 
+    folder = sdxl_dir if kind == "sdxl" else tiny_dirs[kind]
+    path = write_single_file(_pipe(folder), tmp_path / f"{kind}.safetensors")
     scene(32, 32).save(tmp_path / "src.png")
     box_mask(32, 32, (8, 8, 24, 24)).save(tmp_path / "mask.png")
     common = ["edit", "--image", str(tmp_path / "src.png"), "--mask", str(tmp_path / "mask.png"), "--prompt", "a cat",
               "--steps", "2", "--candidates", "1", "--no-rank", "--quiet"]
-    assert main(common + ["--model", str(tiny_dirs["sd1"]), "--out", str(tmp_path / "a")]) == 0
-    assert main(common + ["--model", str(sd1_file), "--model-config", str(tiny_dirs["sd1"]),
+    assert main(common + ["--model", str(folder), "--out", str(tmp_path / "a")]) == 0
+    assert main(common + ["--model", str(path), "--model-config", str(folder),
                           "--out", str(tmp_path / "b")]) == 0
     a, b = (np.asarray(__import__("PIL.Image").Image.open(tmp_path / d / "01.png")) for d in "ab")
     assert np.array_equal(a, b)
-    assert json.loads((tmp_path / "b" / "result.json").read_text())["model"] == str(sd1_file)
+    assert json.loads((tmp_path / "b" / "result.json").read_text())["model"] == str(path)
 
 
 def test_bundled_configs_are_the_real_families_and_need_no_network(tmp_path, monkeypatch):
@@ -138,3 +159,22 @@ def test_bad_files_get_one_line_and_cli_status_1(tiny_dirs, sd1_file, tmp_path, 
                        "--prompt", "x", "--model", str(path), "--quiet", "--out", str(tmp_path / "o")])
         err = capsys.readouterr().err
         assert status == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_the_bundled_sd1_folder_loads_a_file_offline(tiny_dirs, sd1_file, tmp_path, monkeypatch):
+    """The bundled model_index, tokenizer and scheduler configs as they ship, with the three weight-bearing
+    configs swapped for the tiny model's sizes: from_single_file reads them all without the network."""
+    import shutil
+
+    from blended.models import load_model
+    from blended.models.single_file import config_folder
+
+    monkeypatch.setenv("BLENDED_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "sd1-tiny-sizes"
+    shutil.copytree(config_folder("sd1"), folder)
+    for part in ("unet", "vae", "text_encoder"):
+        shutil.copy(tiny_dirs["sd1"] / part / "config.json", folder / part / "config.json")
+    pipe = load_model(str(sd1_file), model_config=str(folder)).pipe
+    assert type(pipe.tokenizer).__name__.startswith("CLIPTokenizer")
+    assert pipe.tokenizer("a red circle").input_ids == [49406, 320, 736, 7117, 49407]
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear" and pipe.safety_checker is None

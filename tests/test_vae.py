@@ -43,3 +43,19 @@ def test_a_vae_file_in_the_original_layout(tiny_dirs, tmp_path):
         load_model(str(tiny_dirs["sd1"]), vae=str(path))
     with pytest.raises(ModelLoadError, match="pickle"):
         load_model(str(tiny_dirs["sd1"]), vae=str(tmp_path / "vae.pt"))
+
+
+def test_a_checkpoint_file_without_a_vae_takes_the_vae_folder(tiny_dirs, tmp_path):
+    from diffusers import DiffusionPipeline
+    from ldm_layout import write_single_file
+    from safetensors.torch import load_file, save_file
+
+    path = write_single_file(DiffusionPipeline.from_pretrained(str(tiny_dirs["sd1"])), tmp_path / "no-vae.safetensors")
+    save_file({k: v for k, v in load_file(str(path)).items() if not k.startswith(VAE)}, str(path))
+    with pytest.raises(ModelLoadError, match="holds no VAE weights"):
+        load_model(str(path), model_config=str(tiny_dirs["sd1"]))
+    vae = tiny_vae(force_upcast=False, scaling_factor=0.4)
+    vae.save_pretrained(str(tmp_path / "vae"), safe_serialization=True)
+    loaded = load_model(str(path), model_config=str(tiny_dirs["sd1"]), vae=str(tmp_path / "vae"))
+    assert loaded.pipe.vae.config.scaling_factor == 0.4
+    assert all(torch.equal(v, vae.state_dict()[k]) for k, v in loaded.pipe.vae.state_dict().items())

@@ -120,6 +120,10 @@ def settings_widgets(defaults: EditConfig, limits: Limits) -> dict[str, gr.compo
              "or text right next to the mask stay sharp; it adds about a third to a half of the edit's time on a GPU "
              "(much more on a CPU with Stable Diffusion).")
     w["scheduler"] = gr.Dropdown(list(SCHEDULERS), value=defaults.scheduler, label="Scheduler")
+    w["inpainting_mask_weight"] = gr.Slider(0.0, 1.0, step=0.05, value=defaults.inpainting_mask_weight,
+                                            label="Inpainting mask weight (9-channel inpainting models only)",
+                                            info="What an inpainting model sees of the photo under the mask: 1 = "
+                                                 "a hole, 0 = the photo as it is. Other models ignore it.")
     for name, widget in w.items():
         widget.elem_id = name.replace("_", "-")
     return w

@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..errors import ModelLoadError
-from .detect import PICKLE_SUFFIXES
+from .detect import PICKLE_SUFFIXES, read_header
 from .loaded import ASSETS, DEFAULT_MODEL, PRESETS, RECOMMENDED_FILE, LoadedModel, pick_device, resolve
 from .lora import LoraSpec, apply_loras, parse_lora
 
@@ -72,11 +72,22 @@ def load_model(model: str = DEFAULT_MODEL, *, device: Optional[str] = None, dtyp
         raise ModelLoadError(f"prediction type '{prediction_type}': use {' or '.join(PREDICTION_TYPES)}")
     source = resolve(model)
     dev, dt = pick_device(device, dtype)
+    loras = [parse_lora(l) if isinstance(l, str) else l for l in loras]
+    for spec in loras:  # cheap checks before the model's load: a missing, pickled or broken LoRA fails at once
+        read_header(Path(spec.path).expanduser(), "LoRA")
+    if vae is not None and not Path(vae).expanduser().is_dir():
+        read_header(Path(vae).expanduser(), "VAE")
     path = Path(source).expanduser()
     single = path.suffix.lower() in (".safetensors",) + PICKLE_SUFFIXES or path.is_file()
+    own_vae = None  # a VAE folder is loaded first, so that a checkpoint file without a VAE can take it
+    if vae is not None and Path(vae).expanduser().is_dir():
+        from .vae import load_vae
+
+        own_vae = load_vae(vae, None, dt)
     if single:
         source = str(path)
-        pipe = load_single_file(path, dtype=dt, config=model_config)[0]
+        pipe = load_single_file(path, dtype=dt, config=model_config,
+                                components=None if own_vae is None else {"vae": own_vae})[0]
     else:
         pipe = _text_to_image(load_pretrained(model, source, dtype=dt, local_files_only=local_files_only), model)
     latent, in_channels = pipe.vae.config.latent_channels, pipe.unet.config.in_channels
@@ -88,7 +99,7 @@ def load_model(model: str = DEFAULT_MODEL, *, device: Optional[str] = None, dtyp
     if vae is not None:
         from .vae import load_vae
 
-        pipe.vae = load_vae(vae, pipe, dt)
+        pipe.vae = own_vae if own_vae is not None else load_vae(vae, pipe, dt)
         if pipe.vae.config.latent_channels != latent:
             raise ModelLoadError(f"VAE {vae} has {pipe.vae.config.latent_channels} latent channels; the model's "
                                  f"UNet takes {latent}")

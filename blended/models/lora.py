@@ -10,6 +10,7 @@ swaps it in once it is ready; edits that are running finish on the model they st
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -78,7 +79,9 @@ def apply_loras(pipe: Any, loras: Sequence[LoraSpec | str]) -> tuple[LoraSpec, .
         read_header(path, "LoRA")  # pickles refused; truncated or foreign files get their one line
         name = f"lora{i}"
         try:
-            with quiet_loading(50):  # a mismatch is logged line by line before it is raised: the one line below says it
+            with quiet_loading(50), warnings.catch_warnings():  # a mismatch is logged line by line before it is
+                # raised (the one line below says it); peft warns at every adapter after the first, which is the point
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                 pipe.load_lora_weights(str(path), adapter_name=name)
         except Exception as e:  # size mismatches (another architecture), unknown key formats
             reason = "its layer shapes differ from this model's" if "size mismatch" in str(e) else first_line(e)

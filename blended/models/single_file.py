@@ -86,7 +86,7 @@ def load_single_file(path: Path, *, dtype: torch.dtype, config: Optional[str] = 
         raise ModelLoadError(f"model {path.name} ({info.family}) holds no text encoder weights; use a full "
                              "checkpoint (UNet, VAE and text encoders in one file)")
     if not info.vae and "vae" not in components:
-        raise ModelLoadError(f"model {path.name} ({info.family}) holds no VAE weights; add one with --vae")
+        raise ModelLoadError(f"model {path.name} ({info.family}) holds no VAE weights; add a VAE folder with --vae")
     folder = str(config) if config else str(config_folder(info.family, info.in_channels))
     if cls is StableDiffusionPipeline:
         components.setdefault("safety_checker", None)
