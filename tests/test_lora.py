@@ -136,6 +136,8 @@ def test_an_lcm_lora_brings_its_few_step_settings_and_the_result_records_them(ti
     # a style LoRA, or the LCM-LoRA at weight 0, leaves the model's own defaults
     assert lora_editor(tiny_dirs, LoraSpec(str(loras["a"]), 1.0)).defaults.scheduler == "ddim"
     assert lora_editor(tiny_dirs, LoraSpec(str(lcm), 0.0)).defaults.scheduler == "ddim"
+
+
 def test_batch_jobs_with_their_own_loras(tiny_dirs, loras, tmp_path):
     from blended.__main__ import main
 
