@@ -63,3 +63,22 @@ def test_app_flags_load_a_lora_and_fall_back_with_a_notice(tiny_dirs, tmp_path):
     assert notice is None and [(l.path, l.weight) for l in editor.model.loras] == [(str(lora), 0.5)]
     editor, notice = app.load_editor(str(tiny_dirs["sd1"]), None, None, loras=[str(tmp_path / "missing.safetensors")])
     assert editor.model.name == "demo" and "does not exist" in notice
+
+
+def test_loading_a_few_step_model_brings_its_settings(tmp_path):
+    """The picker's swap to demo-fast sets the Settings to its 4 LCM steps; a failed load changes nothing."""
+    from blended import Editor
+    from ui.demo import MODEL_SETTINGS, model_settings
+    from ui.limits import Limits
+
+    slot, limits = ModelSlot(Editor.load("demo", ranker=None)), Limits()
+    names = [n for n in MODEL_SETTINGS if n != "negative_prompt"]
+    before = dict(zip(names, model_settings(slot, load_into(slot, "demo"), names, limits)))
+    assert (before["scheduler"], before["num_inference_steps"]) == ("ddim", 20)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_text("not a model")
+    failed = model_settings(slot, load_into(slot, str(bad)), names, limits)
+    assert failed == [{"__type__": "update"}] * len(names)  # gr.skip(): no change
+    after = dict(zip(names, model_settings(slot, load_into(slot, "demo-fast"), names, limits)))
+    assert (after["scheduler"], after["num_inference_steps"]) == ("lcm", slot.defaults.num_inference_steps)
+    assert after["num_inference_steps"] <= 8

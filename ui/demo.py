@@ -9,7 +9,7 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import gradio as gr
 import numpy as np
@@ -127,6 +127,27 @@ def settings_widgets(defaults: EditConfig, limits: Limits) -> dict[str, gr.compo
     for name, widget in w.items():
         widget.elem_id = name.replace("_", "-")
     return w
+
+
+MODEL_SETTINGS = ("num_inference_steps", "guidance_scale", "scheduler", "blend_start", "shrink", "mask_blur",
+                  "background", "inpainting_mask_weight", "negative_prompt")  # reset to a newly loaded model's defaults
+
+
+def model_settings(slot: ModelSlot, status: str, names: Sequence[str], limits: Limits) -> list:
+    """The values of the `names` settings after the model picker answered `status`: the model in use's defaults
+    (a few-step model's steps, scheduler and guidance, a model's blended.json), or skips when the load failed."""
+    if not status.startswith("In use:"):  # a failed load: the model in use did not change
+        return [gr.skip()] * len(names)
+    defaults = server_defaults(slot.current.defaults, limits)
+    return [getattr(defaults, n) for n in names]
+
+
+def follow_model_defaults(slot: ModelSlot, status: gr.components.Component,
+                          settings: dict[str, gr.components.Component], limits: Limits) -> None:
+    """When the model picker swaps in another model, the Settings take its defaults (`model_settings`)."""
+    names = [n for n in MODEL_SETTINGS if n in settings]
+    status.change(lambda text: model_settings(slot, text, names, limits), inputs=status,
+                  outputs=[settings[n] for n in names], queue=False, api_visibility="private")
 
 
 def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optional[str] = None,
@@ -283,7 +304,7 @@ def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optiona
                     live_preview = gr.Checkbox(value=True, label="Live preview while denoising (a rough look "
                                                "at the candidates forming)", elem_id="live-preview")
                     settings = settings_widgets(defaults, limits)
-                models_panel(editor, models_dir)
+                model_widgets = models_panel(editor, models_dir)
             with gr.Column(scale=1):
                 gallery = gr.Gallery(label="Candidates, best first", format="png", columns=2, height="auto",
                                      object_fit="contain", elem_id="gallery")
@@ -300,6 +321,7 @@ def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optiona
                 with gr.Accordion("Details (JSON)", open=False):
                     details = gr.JSON(label="Result", elem_id="details")
         settings.update(negative_prompt=negative_prompt)
+        follow_model_defaults(editor, model_widgets["status"], settings, limits)
         results = gr.State(None)  # {"source": path, "paths": [...], "selected": i} of this session's last edit
         history = gr.State([])  # the session's versions: [{"path", "label", "digest"}], oldest first
 
