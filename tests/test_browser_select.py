@@ -29,10 +29,9 @@ def click_picture(page, x, y):
     nw, nh = page.evaluate("() => { const i = document.querySelector('#select-click img');"
                            " return [i.naturalWidth, i.naturalHeight]; }")
     scale = min(box["width"] / nw, box["height"] / nh)
-    left = box["x"] + (box["width"] - nw * scale) / 2
-    top = box["y"] + (box["height"] - nh * scale) / 2
     k = nw / 64  # served pixels per image pixel
-    page.mouse.click(left + (x + 0.5) * k * scale, top + (y + 0.5) * k * scale)
+    img.click(position={"x": (box["width"] - nw * scale) / 2 + (x + 0.5) * k * scale,  # waits until the picture
+                        "y": (box["height"] - nh * scale) / 2 + (y + 0.5) * k * scale})  # takes clicks
 
 
 def wait_magenta(page, test, what, tries=120):
@@ -55,7 +54,7 @@ def test_click_selects_grow_grows_and_generate_edits_with_it(browser, app_url, c
     page.wait_for_selector("#select-click img", timeout=30_000)  # the upload reaches the clickable picture
     assert magenta(page).mean() < 0.01
     page.wait_for_timeout(500)
-    for attempt in range(3):  # a busy machine may still be laying the page out: click again until it lands
+    for attempt in range(3):  # a busy machine may drop a click: click again until it lands
         click_picture(page, 42, 26)
         try:
             first = wait_magenta(page, lambda s: s > 0.05, "the selected square as a layer", tries=60)

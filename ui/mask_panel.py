@@ -177,10 +177,11 @@ def build_mask_panel(image_editor: Any, segmenter: Any, limits: Limits, note: st
     def fail(e: InputError, title: str = "Cannot select") -> gr.Error:
         return gr.Error(str(e), title=title)
 
-    with gr.Accordion("Select with a click or a box (then adjust; the brush and eraser still refine it)",
+    with gr.Accordion("Select: click the object in the picture below, or two corners of a box (then adjust; the "
+                      "brush and eraser still refine it)",
                       open=True, elem_id="select-panel"):
-        picture = gr.Image(label="Click the object to select it", type="pil", format="png", interactive=False,
-                           buttons=[], height=420, elem_id="select-click",
+        picture = gr.Image(label="Click the object to select it", show_label=False,  # a label would cover a corner
+                           type="pil", format="png", interactive=False, buttons=[], height=420, elem_id="select-click",
                            placeholder="The picture in the editor shows here once uploaded: click on it.")
         with gr.Row():
             mode = gr.Radio(list(MODES), value=MODES[0], label="A click means", elem_id="select-mode")
@@ -245,6 +246,7 @@ def build_mask_panel(image_editor: Any, segmenter: Any, limits: Limits, note: st
 
     def follow(event: Any) -> Any:
         return event.then(refresh, inputs=[image_editor, state], outputs=[picture, state], queue=False,
+                          show_progress="hidden",  # its overlay would swallow the next click
                           api_visibility="private")
 
     def masks(value: Optional[dict], st: PanelState, on: bool) -> Any:
