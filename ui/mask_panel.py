@@ -198,14 +198,17 @@ def build_mask_panel(image_editor: Any, segmenter: Any, limits: Limits, note: st
     state = gr.State(PanelState())
 
     def refresh(value: Optional[dict], st: PanelState) -> Any:
-        """The editor's picture, with its mask; a new picture forgets the old selection (gradio may send the
-        events that call this for the same picture again)."""
+        """A new picture in the editor: show it with its mask and forget the old selection. gradio may send the
+        events that call this again for the same picture, concurrently with clicks: then it changes nothing, so
+        a stale state cannot overwrite a click's."""
         try:
             image = background_of(value, limits)
         except InputError:
             return None, PanelState()
         key = image_key(np.asarray(image))
-        st = st if st is not None and st.key == key else PanelState(key=key)
+        if st is not None and st.key == key:  # the same picture: leave picture and state to the panel's own events
+            return gr.skip(), gr.skip()
+        st = PanelState(key=key)
         return overlay(image, current_mask(value, image.size), st), st
 
     def on_click(value: Optional[dict], st: PanelState, how: str, box_on: bool, px: float,
@@ -219,7 +222,7 @@ def build_mask_panel(image_editor: Any, segmenter: Any, limits: Limits, note: st
         return editor, overlay(image, new.shown, new), new
 
     picture.select(on_click, inputs=[image_editor, state, mode, box, grow_slider],
-                   outputs=[image_editor, picture, state], api_visibility="private")
+                   outputs=[image_editor, picture, state], api_visibility="private", show_progress="minimal")
 
     def on_grow(value: Optional[dict], st: PanelState, px: float) -> Any:
         try:
@@ -230,7 +233,7 @@ def build_mask_panel(image_editor: Any, segmenter: Any, limits: Limits, note: st
         return editor_update(image, new.shown), overlay(image, new.shown, new), new
 
     grow_slider.release(on_grow, inputs=[image_editor, state, grow_slider], outputs=[image_editor, picture, state],
-                        api_visibility="private")
+                        api_visibility="private", show_progress="minimal")
 
     for name, button in buttons.items():
         def on_tool(value: Optional[dict], st: PanelState, px: float, name: str = name) -> Any:
@@ -242,7 +245,7 @@ def build_mask_panel(image_editor: Any, segmenter: Any, limits: Limits, note: st
             return editor_update(image, new.shown), overlay(image, new.shown, new), new
 
         button.click(on_tool, inputs=[image_editor, state, grow_slider], outputs=[image_editor, picture, state],
-                     api_visibility="private")
+                     api_visibility="private", show_progress="minimal")
 
     def follow(event: Any) -> Any:
         return event.then(refresh, inputs=[image_editor, state], outputs=[picture, state], queue=False,
