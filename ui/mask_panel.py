@@ -5,7 +5,7 @@ the functions above it hold the logic on plain images and arrays."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 import gradio as gr
@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 from blended import InputError
 from blended.multimask import mask_variants
 from blended.select import Selection, box_from_corners, drop_specks, fill_holes, grow, invert, select_mask, snap
+from blended.select.sam import image_key
 
 from .editing import checked_image, mask_from_layers, mask_layer
 from .limits import Limits
@@ -41,6 +42,7 @@ class PanelState:
     shown: Optional[np.ndarray] = None
     px: int = 0
     from_click: bool = False  # `shown` is a segmenter's mask of one selection (so SAM's variants may replace it)
+    key: str = ""  # the picture's fingerprint: the selection belongs to it
 
 
 def background_of(value: Optional[dict], limits: Limits) -> Image.Image:
@@ -99,14 +101,14 @@ def click(state: PanelState, image: Image.Image, segmenter: Any, xy: tuple[float
     x = min(image.size[0] - 1, max(0, int(xy[0] / s)))
     y = min(image.size[1] - 1, max(0, int(xy[1] / s)))
     if box_mode and state.corner is None:
-        return PanelState(state.selection.with_box(None), (x, y), state.base, state.offset, state.shown, state.px,
-                          state.from_click)
+        return replace(state, selection=state.selection.with_box(None), corner=(x, y))
     if box_mode:
         selection = Selection(box=box_from_corners(state.corner, (x, y)))
     else:
         selection = state.selection.add(x, y, positive)
     base = select_mask(segmenter, image, selection, max_pixels=limits.max_pixels)[0]
-    return PanelState(selection, None, base, 0, grow(base, px), px, True)
+    return replace(state, selection=selection, corner=None, base=base, offset=0, shown=grow(base, px), px=px,
+                   from_click=True)
 
 
 def regrow(state: PanelState, painted: np.ndarray, px: int) -> PanelState:
@@ -115,21 +117,21 @@ def regrow(state: PanelState, painted: np.ndarray, px: int) -> PanelState:
     base, offset = state.base, state.offset
     if base is None or state.shown is None or not np.array_equal(painted, state.shown):
         base, offset = painted, state.px
-    return PanelState(state.selection, state.corner, base, offset, grow(base, px - offset), px,
-                      state.from_click and base is state.base)
+    return replace(state, base=base, offset=offset, shown=grow(base, px - offset), px=px,
+                   from_click=state.from_click and base is state.base)
 
 
 def tool(state: PanelState, name: str, painted: np.ndarray, image: Image.Image, px: int) -> PanelState:
     """The state after a mask tool ("invert", "fill", "specks", "snap", "clear") on the painted mask."""
     if name == "clear":
-        return PanelState(px=px)
+        return PanelState(px=px, key=state.key)
     if not painted.any() and name != "invert":
         raise InputError("the mask is empty: click the object or paint over it first")
     do: dict[str, Callable[[np.ndarray], np.ndarray]] = {
         "invert": invert, "fill": fill_holes, "specks": drop_specks,
         "snap": lambda m: snap(np.asarray(image), m)}
     mask = do[name](painted)
-    return PanelState(state.selection, None, mask, px, mask, px, False)
+    return replace(state, corner=None, base=mask, offset=px, shown=mask, px=px, from_click=False)
 
 
 def editor_update(image: Image.Image, mask: Optional[np.ndarray]) -> dict:
@@ -175,10 +177,11 @@ def build_mask_panel(image_editor: Any, segmenter: Any, limits: Limits, note: st
     def fail(e: InputError, title: str = "Cannot select") -> gr.Error:
         return gr.Error(str(e), title=title)
 
-    with gr.Accordion("Select with a click or a box (then adjust; the brush and eraser still refine it)",
+    with gr.Accordion("Select: click the object in the picture below, or two corners of a box (then adjust; the "
+                      "brush and eraser still refine it)",
                       open=True, elem_id="select-panel"):
-        picture = gr.Image(label="Click the object to select it", type="pil", format="png", interactive=False,
-                           buttons=[], height=420, elem_id="select-click",
+        picture = gr.Image(label="Click the object to select it", show_label=False,  # a label would cover a corner
+                           type="pil", format="png", interactive=False, buttons=[], height=420, elem_id="select-click",
                            placeholder="The picture in the editor shows here once uploaded: click on it.")
         with gr.Row():
             mode = gr.Radio(list(MODES), value=MODES[0], label="A click means", elem_id="select-mode")
@@ -194,13 +197,19 @@ def build_mask_panel(image_editor: Any, segmenter: Any, limits: Limits, note: st
         gr.Markdown(note or "", elem_id="segmenter-note")
     state = gr.State(PanelState())
 
-    def refresh(value: Optional[dict]) -> Any:
-        """A new picture in the editor: show it, forget the old selection."""
+    def refresh(value: Optional[dict], st: PanelState) -> Any:
+        """A new picture in the editor: show it with its mask and forget the old selection. gradio may send the
+        events that call this again for the same picture, concurrently with clicks: then it changes nothing, so
+        a stale state cannot overwrite a click's."""
         try:
             image = background_of(value, limits)
         except InputError:
             return None, PanelState()
-        return overlay(image, current_mask(value, image.size), PanelState()), PanelState()
+        key = image_key(np.asarray(image))
+        if st is not None and st.key == key:  # the same picture: leave picture and state to the panel's own events
+            return gr.skip(), gr.skip()
+        st = PanelState(key=key)
+        return overlay(image, current_mask(value, image.size), st), st
 
     def on_click(value: Optional[dict], st: PanelState, how: str, box_on: bool, px: float,
                  evt: gr.SelectData) -> Any:
@@ -213,7 +222,7 @@ def build_mask_panel(image_editor: Any, segmenter: Any, limits: Limits, note: st
         return editor, overlay(image, new.shown, new), new
 
     picture.select(on_click, inputs=[image_editor, state, mode, box, grow_slider],
-                   outputs=[image_editor, picture, state], api_visibility="private")
+                   outputs=[image_editor, picture, state], api_visibility="private", show_progress="minimal")
 
     def on_grow(value: Optional[dict], st: PanelState, px: float) -> Any:
         try:
@@ -224,7 +233,7 @@ def build_mask_panel(image_editor: Any, segmenter: Any, limits: Limits, note: st
         return editor_update(image, new.shown), overlay(image, new.shown, new), new
 
     grow_slider.release(on_grow, inputs=[image_editor, state, grow_slider], outputs=[image_editor, picture, state],
-                        api_visibility="private")
+                        api_visibility="private", show_progress="minimal")
 
     for name, button in buttons.items():
         def on_tool(value: Optional[dict], st: PanelState, px: float, name: str = name) -> Any:
@@ -236,10 +245,11 @@ def build_mask_panel(image_editor: Any, segmenter: Any, limits: Limits, note: st
             return editor_update(image, new.shown), overlay(image, new.shown, new), new
 
         button.click(on_tool, inputs=[image_editor, state, grow_slider], outputs=[image_editor, picture, state],
-                     api_visibility="private")
+                     api_visibility="private", show_progress="minimal")
 
     def follow(event: Any) -> Any:
-        return event.then(refresh, inputs=image_editor, outputs=[picture, state], queue=False,
+        return event.then(refresh, inputs=[image_editor, state], outputs=[picture, state], queue=False,
+                          show_progress="hidden",  # its overlay would swallow the next click
                           api_visibility="private")
 
     def masks(value: Optional[dict], st: PanelState, on: bool) -> Any:
