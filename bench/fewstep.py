@@ -171,7 +171,7 @@ def speed(editors: dict, reps: int, cache: dict) -> str:
                      "ratio"], rows) + "\n")
 
 
-def sd_graph(quick: bool, reps: int, cache: dict) -> str:
+def sd_graph(quick: bool, reps: int, cache: dict, with_decoder: bool) -> str:
     from diffusers import StableDiffusionPipeline
 
     from blended.editor import Editor
@@ -214,7 +214,7 @@ def sd_graph(quick: bool, reps: int, cache: dict) -> str:
     pixels = np.asarray(mask) > 127
     saved, dec = bg.CPU_ACTIVATION_BYTES, {}
     try:
-        for label, settings, force in variants:
+        for label, settings, force in variants if with_decoder else []:
             bg.CPU_ACTIVATION_BYTES = 0 if force else saved
             r = editor.edit(image, mask, "a red circle", rank=False, background="decoder", **few, **settings)
             dec[label] = {"seconds": r.timings["background"], "psnr": psnr_outside(np.asarray(r.images[0]),
@@ -223,7 +223,7 @@ def sd_graph(quick: bool, reps: int, cache: dict) -> str:
     finally:
         bg.CPU_ACTIVATION_BYTES = saved
     stitch_psnr = psnr_outside(np.asarray(editor.edit(image, mask, "a red circle", rank=False, **few).images[0]),
-                               np.asarray(image), pixels)
+                               np.asarray(image), pixels) if dec else 0.0
     out["decoder"] = dec
     cache[f"sd|{width}|{size}"] = out
     labels = [label for label, _ in runs]
@@ -234,15 +234,17 @@ def sd_graph(quick: bool, reps: int, cache: dict) -> str:
     gen = {label: out[label]["encode"] + out[label]["denoise"] + out[label]["decode"] for label in labels[:2]}
     drows = [[label, d["seconds"], d["seconds"] / gen[labels[0]], d["seconds"] / gen[labels[1]], d["psnr"]]
              for label, d in dec.items()]
-    return (f"### SD 1.5 graph, random weights, width x{width} ({params(comps['unet']):.0f} M UNet params), "
+    text = (f"### SD 1.5 graph, random weights, width x{width} ({params(comps['unet']):.0f} M UNet params), "
             f"{size}x{size} px, CPU {torch.get_num_threads()} thread(s), background stitch, no ranking (median s)\n\n"
             + table(["stage"] + labels, rows)
-            + f"\n\n4 candidates: the default schedule / 4 LCM steps = **{speedup:.1f}x**.\n\n"
-            + f"Decoder fine-tuning (`--background decoder`, 4 candidates, window of the {size} px edit) against the "
-            "generation (encode + denoise + decode) of the 50-step and the 4-step edit; PSNR outside the mask of the "
-            f"first candidate (the stitch composite: {stitch_psnr:.1f} dB):\n\n"
-            + table(["decoder fine-tuning", "seconds", "x 50-step edit", "x 4-step edit", "PSNR outside dB"], drows)
-            + "\n")
+            + f"\n\n4 candidates: the default schedule / 4 LCM steps = **{speedup:.1f}x**.\n")
+    if drows:
+        text += ("\nDecoder fine-tuning (`--background decoder`, 4 candidates, window of the "
+                 f"{size} px edit) against the generation (encode + denoise + decode) of the 50-step and the 4-step "
+                 f"edit; PSNR outside the mask of the first candidate (the stitch composite: {stitch_psnr:.1f} dB):\n\n"
+                 + table(["decoder fine-tuning", "seconds", "x 50-step edit", "x 4-step edit", "PSNR outside dB"],
+                         drows) + "\n")
+    return text
 
 
 DECODER_ROWS = [  # (label, settings of `--background decoder`)
@@ -298,6 +300,8 @@ def main() -> None:
     ap.add_argument("--n-decoder", type=int, default=12, help="held-out edits per decoder row")
     ap.add_argument("--reps", type=int, default=10, help="edits of the speed section (SD graph: repetitions)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sd-decoder", action="store_true",
+                    help="sd at full size: also the decoder fine-tuning rows (about 1.5 h more on 2 cores; always with --quick)")
     ap.add_argument("--fast", default="demo-fast", help="the distilled model to measure (a folder or the preset)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -318,7 +322,7 @@ def main() -> None:
     if "decoder" in sections:
         parts.append(decoder(editors, 2 if args.quick else args.n_decoder, cache, args.quick))
     if "sd" in sections:
-        parts.append(sd_graph(args.quick, 1 if args.quick else 2, cache))
+        parts.append(sd_graph(args.quick, 1 if args.quick else 2, cache, args.quick or args.sd_decoder))
     command = "python bench/fewstep.py " + " ".join(sys.argv[1:])
     text = (f"## Few-step edits\n\nCommand: `{command}` ({time.strftime('%Y-%m-%d')}; CPU timings on a 2-core "
             "machine shared with other jobs: noisy)\n\n" + "\n".join(parts))
