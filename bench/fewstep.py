@@ -12,6 +12,7 @@ Sections:
            steps without guidance, 1 candidate at 4 steps, and the default schedule with guidance; seconds
            per stage and UNet evaluations. Full size (width 1, 512 px) is about 40 minutes on 2 cores;
            --quick runs the same graph at width 0.25 and 256 px
+  tune     demo-fast's settings at 4 steps (guidance, core_steps, background rule) on validation seeds
   decoder  `--background decoder` next to a 50-step and a 4-step edit on the demo models: the seconds it
            adds and the PSNR outside the mask, at the defaults and with fewer steps at a higher rate
 
@@ -42,6 +43,7 @@ import scenes  # noqa: E402
 from ablation import engine_fn, evaluate  # noqa: E402
 
 BASE = scenes.HELDOUT_SEED_START + 900_000  # apart from every other bench's seeds
+TUNE_BASE = scenes.HELDOUT_SEED_START + 910_000  # validation seeds: demo-fast's blended.json was picked here
 CACHE = ROOT / "docs" / "bench" / "fewstep.json"
 STAGES = ["prepare", "encode", "denoise", "decode", "safety", "background", "paste", "rank", "total"]
 
@@ -62,12 +64,28 @@ RULE_ROWS = [  # the background's timestep at few steps, the loop alone
 ]
 
 
+TUNE_ROWS = [  # absolute settings of demo-fast at 4 steps, so that rows keep their meaning when blended.json changes
+    (f"guidance {g}, core_steps {c}, background {t}/{n}",
+     dict(num_inference_steps=4, guidance_scale=g, core_steps=c, background_timestep=t, background_noise=n))
+    for g in (3.0, 5.0, 7.5) for c in (0.0, 0.5, 0.75) for t, n in (("own", "fresh"), ("next", "fixed"))
+]
+
+
 class RowCounter:
     """UNet evaluations: the rows of every batch the UNet is called on (a guided candidate counts twice)."""
 
     def __init__(self, unet: torch.nn.Module):
         self.rows = 0
         unet.register_forward_pre_hook(lambda mod, args: setattr(self, "rows", self.rows + args[0].shape[0]))
+
+
+def fast_tag(editor) -> str:
+    """Which distilled model a row ran on: its training steps (stage 1 + stage 2 when resumed)."""
+    from pathlib import Path
+
+    report = json.loads((Path(editor.model.source) / "train_report.json").read_text())
+    before = report.get("resumed_from", {}).get("steps")
+    return f"lcd{before}+{report['steps']}" if before else f"lcd{report['steps']}"
 
 
 def load_cache() -> dict:
@@ -90,7 +108,7 @@ def quality(editors: dict, n: int, cache: dict, quick: bool) -> str:
     cases = [scenes.make_edit_case(BASE + i) for i in range(n)]
     rows = []
     for label, model, settings in QUALITY_ROWS:
-        key = f"quality|{label}|{n}"
+        key = f"quality|{fast_tag(editors['demo-fast']) if model == 'demo-fast' else model}|{label}|{n}"
         if key not in cache or quick:
             cache[key] = evaluate(engine_fn(editors[model], **settings), cases)
             print(key, cache[key], flush=True)
@@ -101,7 +119,7 @@ def quality(editors: dict, n: int, cache: dict, quick: bool) -> str:
                 "median s per edit"], rows)
     rows = []
     for label, settings in RULE_ROWS:
-        key = f"rule|{label}|{n}"
+        key = f"rule|{fast_tag(editors['demo-fast'])}|{label}|{n}"
         if key not in cache or quick:
             cache[key] = evaluate(engine_fn(editors["demo-fast"], background="none", **settings), cases)
             print(key, cache[key], flush=True)
@@ -111,6 +129,20 @@ def quality(editors: dict, n: int, cache: dict, quick: bool) -> str:
                 "seam"], rows)
     return (f"### Quality on {n} held-out demo edits (seeds {BASE}..)\n\n{t1}\n\n"
             f"### The background's timestep at 4 steps ({n} edits, the raw decode)\n\n{t2}\n")
+
+
+def tune(editors: dict, n: int, cache: dict, quick: bool) -> str:
+    cases = [scenes.make_edit_case(TUNE_BASE + i) for i in range(n)]
+    rows = []
+    for label, settings in TUNE_ROWS:
+        key = f"tune|{fast_tag(editors['demo-fast'])}|{label}|{n}"
+        if key not in cache or quick:
+            cache[key] = evaluate(engine_fn(editors["demo-fast"], **settings), cases)
+            print(key, cache[key], flush=True)
+        r = cache[key]
+        rows.append([label, r["top"], r["mean"], r["psnr"], r["seam"]])
+    return (f"### demo-fast at 4 steps on {n} validation edits (seeds {TUNE_BASE}..): how blended.json was picked\n\n"
+            + table(["settings", "top-1 hit", "random-candidate hit", "PSNR outside (median dB)", "seam"], rows) + "\n")
 
 
 def speed(editors: dict, reps: int, cache: dict) -> str:
@@ -139,7 +171,7 @@ def speed(editors: dict, reps: int, cache: dict) -> str:
                      "ratio"], rows) + "\n")
 
 
-def sd_graph(quick: bool, reps: int, cache: dict) -> str:
+def sd_graph(quick: bool, reps: int, cache: dict, with_decoder: bool) -> str:
     from diffusers import StableDiffusionPipeline
 
     from blended.editor import Editor
@@ -182,7 +214,7 @@ def sd_graph(quick: bool, reps: int, cache: dict) -> str:
     pixels = np.asarray(mask) > 127
     saved, dec = bg.CPU_ACTIVATION_BYTES, {}
     try:
-        for label, settings, force in variants:
+        for label, settings, force in variants if with_decoder else []:
             bg.CPU_ACTIVATION_BYTES = 0 if force else saved
             r = editor.edit(image, mask, "a red circle", rank=False, background="decoder", **few, **settings)
             dec[label] = {"seconds": r.timings["background"], "psnr": psnr_outside(np.asarray(r.images[0]),
@@ -191,7 +223,7 @@ def sd_graph(quick: bool, reps: int, cache: dict) -> str:
     finally:
         bg.CPU_ACTIVATION_BYTES = saved
     stitch_psnr = psnr_outside(np.asarray(editor.edit(image, mask, "a red circle", rank=False, **few).images[0]),
-                               np.asarray(image), pixels)
+                               np.asarray(image), pixels) if dec else 0.0
     out["decoder"] = dec
     cache[f"sd|{width}|{size}"] = out
     labels = [label for label, _ in runs]
@@ -202,15 +234,17 @@ def sd_graph(quick: bool, reps: int, cache: dict) -> str:
     gen = {label: out[label]["encode"] + out[label]["denoise"] + out[label]["decode"] for label in labels[:2]}
     drows = [[label, d["seconds"], d["seconds"] / gen[labels[0]], d["seconds"] / gen[labels[1]], d["psnr"]]
              for label, d in dec.items()]
-    return (f"### SD 1.5 graph, random weights, width x{width} ({params(comps['unet']):.0f} M UNet params), "
+    text = (f"### SD 1.5 graph, random weights, width x{width} ({params(comps['unet']):.0f} M UNet params), "
             f"{size}x{size} px, CPU {torch.get_num_threads()} thread(s), background stitch, no ranking (median s)\n\n"
             + table(["stage"] + labels, rows)
-            + f"\n\n4 candidates: the default schedule / 4 LCM steps = **{speedup:.1f}x**.\n\n"
-            + f"Decoder fine-tuning (`--background decoder`, 4 candidates, window of the {size} px edit) against the "
-            "generation (encode + denoise + decode) of the 50-step and the 4-step edit; PSNR outside the mask of the "
-            f"first candidate (the stitch composite: {stitch_psnr:.1f} dB):\n\n"
-            + table(["decoder fine-tuning", "seconds", "x 50-step edit", "x 4-step edit", "PSNR outside dB"], drows)
-            + "\n")
+            + f"\n\n4 candidates: the default schedule / 4 LCM steps = **{speedup:.1f}x**.\n")
+    if drows:
+        text += ("\nDecoder fine-tuning (`--background decoder`, 4 candidates, window of the "
+                 f"{size} px edit) against the generation (encode + denoise + decode) of the 50-step and the 4-step "
+                 f"edit; PSNR outside the mask of the first candidate (the stitch composite: {stitch_psnr:.1f} dB):\n\n"
+                 + table(["decoder fine-tuning", "seconds", "x 50-step edit", "x 4-step edit", "PSNR outside dB"],
+                         drows) + "\n")
+    return text
 
 
 DECODER_ROWS = [  # (label, settings of `--background decoder`)
@@ -266,6 +300,9 @@ def main() -> None:
     ap.add_argument("--n-decoder", type=int, default=12, help="held-out edits per decoder row")
     ap.add_argument("--reps", type=int, default=10, help="edits of the speed section (SD graph: repetitions)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sd-decoder", action="store_true",
+                    help="sd at full size: also the decoder fine-tuning rows (about 1.5 h more on 2 cores; always with --quick)")
+    ap.add_argument("--fast", default="demo-fast", help="the distilled model to measure (a folder or the preset)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from blended import Editor
@@ -274,8 +311,10 @@ def main() -> None:
     cache = {} if args.quick else load_cache()
     parts = []
     editors = {}
-    if {"quality", "speed", "decoder"} & set(sections):
-        editors = {name: Editor.load(name, device="cpu") for name in ("demo", "demo-fast")}
+    if {"quality", "speed", "decoder", "tune"} & set(sections):
+        editors = {"demo": Editor.load("demo", device="cpu"), "demo-fast": Editor.load(args.fast, device="cpu")}
+    if "tune" in sections:
+        parts.append(tune(editors, 3 if args.quick else args.n, cache, args.quick))
     if "quality" in sections:
         parts.append(quality(editors, 3 if args.quick else args.n, cache, args.quick))
     if "speed" in sections:
@@ -283,14 +322,14 @@ def main() -> None:
     if "decoder" in sections:
         parts.append(decoder(editors, 2 if args.quick else args.n_decoder, cache, args.quick))
     if "sd" in sections:
-        parts.append(sd_graph(args.quick, 1 if args.quick else 2, cache))
+        parts.append(sd_graph(args.quick, 1 if args.quick else 2, cache, args.quick or args.sd_decoder))
     command = "python bench/fewstep.py " + " ".join(sys.argv[1:])
     text = (f"## Few-step edits\n\nCommand: `{command}` ({time.strftime('%Y-%m-%d')}; CPU timings on a 2-core "
             "machine shared with other jobs: noisy)\n\n" + "\n".join(parts))
     print(text)
     if not args.quick:
         save_cache(cache)
-        name = "fewstep" if "sd" not in sections or len(sections) > 1 else "fewstep_sd"
+        name = "fewstep_sd" if sections == ["sd"] else "fewstep_tune" if sections == ["tune"] else "fewstep"
         write_doc(name, text)
 
 

@@ -41,9 +41,9 @@ from train_demo import log, lr_at, nparams, to_tensor  # noqa: E402
 from blended.unet_call import guidance_embedding  # noqa: E402
 
 COND_DIM = 64  # width of the guidance embedding the student reads
-RECOMMENDED = {  # blended.json of the distilled model (docs/fewstep.md measures them)
-    "scheduler": "lcm", "num_inference_steps": 4, "guidance_scale": 7.5, "num_candidates": 4,
-    "blend_start": 0.0, "decoder_lr": 0.001, "core_steps": 0.7,
+RECOMMENDED = {  # blended.json of the distilled model: picked on validation edits (bench/fewstep.py --sections tune)
+    "scheduler": "lcm", "num_inference_steps": 4, "guidance_scale": 7.5, "num_candidates": 4, "blend_start": 0.0,
+    "core_steps": 0.75, "background_timestep": "next", "background_noise": "fixed", "decoder_lr": 0.001,
 }
 
 
@@ -105,6 +105,7 @@ def main():
     ap.add_argument("--guidance-max", type=float, default=9.0)
     ap.add_argument("--ddim-steps", type=int, default=50, help="the solver's grid: k = 1000 / this")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--resume", default=None, help="a distilled model folder to go on from (its unet: student and target)")
     args = ap.parse_args()
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -126,6 +127,11 @@ def main():
         m.requires_grad_(False)
     student = build_student(teacher)
     target = build_student(teacher).eval().requires_grad_(False)
+    if args.resume:  # a second stage: both networks start from the saved EMA target, a fresh cosine schedule
+        saved = UNet2DConditionModel.from_pretrained(Path(args.resume) / "unet").state_dict()
+        student.load_state_dict(saved)
+        target.load_state_dict(saved)
+        report["resumed_from"] = json.loads((Path(args.resume) / "train_report.json").read_text())
     from diffusers import DDIMScheduler
 
     alphas = DDIMScheduler.from_pretrained(demo / "scheduler").alphas_cumprod.float()  # (1000,)
