@@ -10,9 +10,12 @@ from .detect import kind_of, read_header
 from .loaded import PRESETS
 
 
+LABELS = {"demo": "demo (bundled, 20 steps)", "demo-fast": "demo-fast (bundled, fast: 4 steps)"}
+
+
 def local_presets() -> list[tuple[str, str]]:
     """(label, preset name) of the bundled presets whose folders exist here (`demo`, `demo-fast`, ...)."""
-    return [(name, name) for name, where in PRESETS.items() if Path(where).is_dir()]
+    return [(LABELS.get(name, name), name) for name, where in PRESETS.items() if Path(where).is_dir()]
 
 
 def scan(folder: Optional[str | Path]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
