@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import time
 from dataclasses import dataclass, field
@@ -121,10 +122,11 @@ class Editor:
             ranker = ranker_for(loaded.source, device=str(loaded.device))
         return cls(loaded, ranker, max_pixels=max_pixels)
 
-    @property
+    @functools.cached_property
     def recommended(self) -> dict[str, Any]:
         """The model's own settings: a few-step checkpoint's scheduler, steps and guidance (`blended.fewstep`),
-        then its blended.json, then those of an LCM or TCD LoRA loaded with a non-zero weight."""
+        then its blended.json, then those of an LCM or TCD LoRA loaded with a non-zero weight. Read once per
+        Editor (a LoRA's header is a file read; the model and its LoRAs do not change after loading)."""
         recommended = {**recommended_for_model(self.model.source, self.model.pipe), **self.model.recommended}
         for lora in getattr(self.model, "loras", ()):
             if lora.weight != 0:
@@ -192,6 +194,18 @@ class Editor:
                              f"work pixels; the edit used '{fallback}' instead (a smaller mask or `resolution` "
                              "fits in less memory)")
         return out, None
+
+    def rank(self, candidates: list[Candidate], mask: np.ndarray, prompt: str, notes: list[str]) -> None:
+        """Score `candidates` with the ranker on `mask` ((H, W) bool, the asked region) and sort them best first,
+        in place. A ranker that cannot load leaves the seed order and adds a note (an edit beats no edit)."""
+        try:
+            all_scores = self.ranker.score([c.image for c in candidates], mask, prompt)
+        except ModelLoadError as e:
+            notes.append(f"ranking skipped: {e}")
+            return
+        for cand, scores in zip(candidates, all_scores):
+            cand.scores = scores
+        candidates.sort(key=lambda c: -c.scores["score"])
 
     # -- the edit --------------------------------------------------------------------------------
 
@@ -399,18 +413,11 @@ class Editor:
         # 7. rank: best first by the ranker's combined score; filtered candidates last
         if cfg.rank and self.ranker is not None and len(candidates) > 1:
             report("ranking", 0, 1)
-            try:
-                all_scores = self.ranker.score(images, target, prompt)
-            except ModelLoadError as e:  # an edit without ranking beats no edit: keep seed order, say why
-                notes.append(f"ranking skipped: {e}")
-            else:
-                for cand, scores in zip(candidates, all_scores):
-                    cand.scores = scores
-                candidates.sort(key=lambda c: -c.scores["score"])
+            self.rank(candidates, target, prompt, notes)
             lap("rank")
         candidates.sort(key=lambda c: c.filtered)  # stable: flagged candidates go last, the order stays
         timings["total"] = sum(timings.values())
         report("done", 1, 1)
         return EditResult(candidates=candidates, prompt=prompt, config=cfg, model=m.name, timings=timings,
                           region=region, notes=notes,
-                          model_info={**m.describe(), "recommended": self.recommended})
+                          model_info={**m.describe(), "recommended": dict(self.recommended)})

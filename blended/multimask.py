@@ -9,7 +9,7 @@ import numpy as np
 
 from .config import EditConfig
 from .editor import EditResult, Editor, Progress
-from .errors import InputError, ModelLoadError
+from .errors import InputError
 from .images import DEFAULT_MAX_PIXELS, ImageLike, load_image, load_mask
 from .select import grow
 
@@ -94,17 +94,10 @@ def edit_masks(editor: Editor, image: ImageLike, masks: Sequence[tuple[str, Any]
         union = np.zeros(source.size[::-1], bool)
         for _, mask in results:  # the masks as each edit reads them (threshold, invert, grow)
             union |= _asked(mask, source.size, cfg, editor.max_pixels)
-        try:
-            scores = editor.ranker.score([c.image for c in candidates], union, prompt)
-        except ModelLoadError as e:
-            notes.append(f"ranking skipped: {e}")
-        else:
-            for cand, s in zip(candidates, scores):
-                cand.scores = s
-            candidates.sort(key=lambda c: -c.scores["score"])
+        editor.rank(candidates, union, prompt, notes)
     candidates.sort(key=lambda c: c.filtered)
     return EditResult(candidates=candidates, prompt=first.prompt, config=cfg, model=first.model, timings=timings,
-                      region=first.region, notes=notes)
+                      region=first.region, notes=notes, model_info=first.model_info)
 
 
 def _asked(mask: Any, size: tuple[int, int], cfg: EditConfig, max_pixels: int) -> np.ndarray:
