@@ -80,10 +80,12 @@ class RowCounter:
 
 
 def fast_tag(editor) -> str:
-    """Which distilled model a row ran on: its training steps (stage 1 + stage 2 when resumed)."""
+    """Which distilled model a row ran on: its training steps (stage 1 + stage 2 when resumed or phase-distilled)."""
     from pathlib import Path
 
     report = json.loads((Path(editor.model.source) / "train_report.json").read_text())
+    if "init_from" in report:  # phase distillation (tools/train_fast.py --method phase) from an LCD model
+        return f"lcd{report['init_from']['steps']}+phase{report['steps']}"
     before = report.get("resumed_from", {}).get("steps")
     return f"lcd{before}+{report['steps']}" if before else f"lcd{report['steps']}"
 

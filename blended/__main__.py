@@ -26,6 +26,7 @@ FLAGS = {
     "blend_start": ("--blend-start", float, "fraction of the schedule skipped, in [0, 1)"),
     "core_steps": ("--core-steps", float, "fraction of the steps that blend with the mask's core, in [0, 1)"),
     "scheduler": ("--scheduler", str, f"one of {', '.join(SCHEDULERS)}"),
+    "tcd_gamma": ("--tcd-gamma", float, "--scheduler tcd: stochasticity of each step in [0, 1], 0 = deterministic"),
     "background": ("--background", str, f"background reconstruction: {', '.join(BACKGROUND_METHODS)}"),
     "batch_size": ("--batch-size", int, "candidates denoised at once (memory bound)"),
     "crop_margin": ("--crop-margin", int, "context pixels around the mask when a large image is cropped"),

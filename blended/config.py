@@ -36,6 +36,7 @@ class EditConfig:
     soft_mask: bool = False  # strengths steer the loop per latent (Differential Diffusion: a latent of strength s changes only in the last s of the steps): a mask's grey levels / alpha, and `mask_blur`'s soft edge; False = the mask thresholded at `mask_threshold`
     core_steps: float = 0.0  # fraction of the steps, from the first, that blend with the mask's core (latents wholly inside it): content forms inside the mask; 0 = the paper's schedule
     scheduler: str = "ddim"  # one of SCHEDULERS; any diffusers scheduler with `add_noise` fits the loop
+    tcd_gamma: float = 0.3  # `tcd`: the stochasticity gamma (diffusers' `eta`) of each step, 0 = deterministic (a DDIM step), 1 = LCM's fresh noise; 0.3 = the TCD paper's default
     batch_size: int = 4  # candidates denoised together (bounds memory; results do not depend on it)
     mask_threshold: float = 0.5  # mask pixels above this (0..1 of the channel's range) are edited
     invert_mask: bool = False  # edit where the mask is black instead of white
@@ -79,6 +80,7 @@ class EditConfig:
             (len(self.shrink_kernels) >= 1 and all(k >= 1 and k % 2 == 1 for k in self.shrink_kernels),
              "shrink_kernels must be odd integers >= 1"),
             (0.0 <= self.core_steps < 1.0, "core_steps must be in [0, 1)"),
+            (0.0 <= self.tcd_gamma <= 1.0, "tcd_gamma must be in [0, 1]"),
             (self.start_from in START_FROM, f"start_from must be one of {', '.join(START_FROM)}"),
             (self.background_noise in BACKGROUND_NOISE, f"background_noise must be one of {', '.join(BACKGROUND_NOISE)}"),
             (self.background_timestep in BACKGROUND_TIMESTEPS,

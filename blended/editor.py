@@ -359,7 +359,7 @@ class Editor:
             denoise = make_denoise(pipe.unet, sched, cond.repeat(len(chunk)), cfg.guidance_scale)
 
             x0 = [None]  # the last step's clean-latent estimate, kept only for the preview
-            kw = step_kwargs(cfg.scheduler, generators)  # LCM, TCD, Euler-a draw noise in `step`: from the seeds
+            kw = step_kwargs(cfg.scheduler, generators, cfg.tcd_gamma)  # LCM, TCD, Euler-a draw noise in `step`: from the seeds
 
             def step(noise_pred, t, latents, sched=sched, x0=x0, kw=kw):
                 if previewer is None:

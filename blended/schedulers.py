@@ -11,7 +11,6 @@ from .errors import InputError
 
 STRENGTH_SCHEDULERS = ("lcm", "tcd")  # `blend_start` shortens their range and keeps every step (LCM's img2img)
 STOCHASTIC = ("lcm", "tcd", "euler-a")  # their `step` draws fresh noise: it comes from the candidates' generators
-TCD_GAMMA = 0.3  # TCD's stochasticity `eta` (gamma): the TCD paper's default; 0 is deterministic
 
 
 def make_scheduler(pipe: Any, name: str) -> Any:
@@ -53,12 +52,12 @@ def steps_run(name: str, num_inference_steps: int, blend_start: float) -> int:
     return num_inference_steps - first_step(num_inference_steps, blend_start)
 
 
-def step_kwargs(name: str, generator: Any) -> dict[str, Any]:
+def step_kwargs(name: str, generator: Any, tcd_gamma: float = 0.3) -> dict[str, Any]:
     """Extra keyword arguments of `scheduler.step`: the generator(s) where it draws noise (one per row, so a
-    seed gives the same candidate whatever the batch), TCD's gamma."""
+    seed gives the same candidate whatever the batch), TCD's gamma (`EditConfig.tcd_gamma`)."""
     kwargs: dict[str, Any] = {"generator": generator} if name in STOCHASTIC else {}
     if name == "tcd":
-        kwargs["eta"] = TCD_GAMMA
+        kwargs["eta"] = tcd_gamma
     return kwargs
 
 

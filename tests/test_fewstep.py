@@ -110,6 +110,30 @@ def test_few_step_schedulers_keep_the_source_outside_exactly(sd1_editor, name):
         assert np.array_equal(_outside(x, (20, 12, 44, 36)), _outside(image, (20, 12, 44, 36)))
 
 
+def test_tcd_gamma_zero_is_a_deterministic_ddim_step(sd1_editor):
+    """`tcd_gamma` 0: TCD's step is the DDIM step of the model's own prediction, so the in-step noise (the
+    candidate's generator) no longer matters; any other gamma draws from it. Out of [0, 1] is one line."""
+    from blended.errors import InputError
+    from blended.schedulers import step_kwargs
+
+    sched, _, timesteps = schedule(sd1_editor.model.pipe, "tcd", 2, 0.0)
+    x, eps = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.zeros(1, 4, 8, 8)
+
+    def first_step(gamma, seed):
+        sched._step_index = None
+        return sched.step(eps, timesteps[0], x, return_dict=False,
+                          **step_kwargs("tcd", torch.Generator().manual_seed(seed), gamma))[0]
+
+    assert torch.equal(first_step(0.0, 1), first_step(0.0, 2))
+    assert not torch.allclose(first_step(0.3, 1), first_step(0.3, 2))
+    image, pmask = scene(64, 48), box_mask(64, 48, (20, 12, 44, 36))
+    kw = dict(scheduler="tcd", num_inference_steps=2, guidance_scale=1.0, num_candidates=1, blend_start=0.0)
+    a, b = (sd1_editor.edit(image, pmask, "a dog", tcd_gamma=g, **kw).images[0] for g in (0.0, 1.0))
+    assert not np.array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(InputError, match="tcd_gamma"):
+        sd1_editor.edit(image, pmask, "a dog", tcd_gamma=1.5, **kw)
+
+
 def test_blend_start_keeps_every_lcm_step_over_a_shorter_range(sd1_editor):
     pipe = sd1_editor.model.pipe
     full = schedule(pipe, "lcm", 4, 0.0)[2]
