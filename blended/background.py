@@ -40,6 +40,8 @@ ShouldStop = Callable[[], bool]
 
 CPU_ACTIVATION_BYTES = 2 * 2**30  # on the CPU, `latent`/`decoder` recompute activations in backward above this estimate
 CUDA_FREE_SHARE = 0.5  # on CUDA, above this share of the free device memory
+STRIPS_WORTH = 0.85  # `decoder_loss="band"`: train on strips around the band when they hold < this share of the window
+STRIP_CELL = 4  # pixels per cell of the grid on which the strips' hole is found
 MIN_IMPROVEMENT = 0.1  # early stopping: a candidate is done when `patience` steps lowered its loss by less than this
 
 
@@ -113,14 +115,18 @@ def shown(mask: torch.Tensor, config: EditConfig) -> torch.Tensor:
     return use
 
 
-def window_margin(config: EditConfig, factor: int) -> int:
+def window_margin(config: EditConfig, factor: int, band: bool = False) -> int:
     """Latent pixels decoded around the mask's box: `decoder_margin`, or when 0 (auto) enough for the seam band
     and as much again for the window's fade (at least 2): 2 latents at SD's x8 with an 8 px band, 4 at x4.
-    Without `exact_outside` the whole window is used, and auto is 4."""
+    Without `exact_outside` the whole window is used, and auto is 4. `band` (`decoder` with `decoder_loss="band"`):
+    the fit and the result see only the seam band, so the window is just the band (at least 1 latent: 1 at SD's
+    x8, 2 at x4), its fade within the band's outer half, where the band already fades into the source."""
     if config.decoder_margin > 0:
         return config.decoder_margin
     if not config.exact_outside:
         return 4
+    if band:
+        return max(1, -(-config.feather // factor))
     return max(2, -(-2 * config.feather // factor))
 
 
@@ -133,8 +139,8 @@ def latent_settings(config: EditConfig, factor: int) -> dict[str, Any]:
 def decoder_settings(config: EditConfig, factor: int) -> dict[str, Any]:
     """`finetune_decoder` arguments from an edit's settings (`factor`: pixels per latent)."""
     return dict(steps=config.decoder_steps, lr=config.decoder_lr, lam=config.decoder_lambda,
-                margin=window_margin(config, factor), patience=config.decoder_patience, batch_size=config.batch_size,
-                blocks=config.decoder_blocks, share=config.decoder_shared, schedule=config.decoder_schedule)
+                margin=window_margin(config, factor, band=config.decoder_loss == "band"), patience=config.decoder_patience,
+                batch_size=config.batch_size, blocks=config.decoder_blocks, share=config.decoder_shared, schedule=config.decoder_schedule)
 
 
 def lr_factor(schedule: str, step: int, steps: int) -> float:
@@ -287,6 +293,78 @@ def paste(window: Window, inner: torch.Tensor, source: torch.Tensor, latent_size
 
 
 # -- latent optimisation and decoder fine-tuning -----------------------------------------------------
+
+@dataclass(frozen=True)
+class Strip:
+    """A crop of the window that the trained stages run on: input rows/cols, the valid part of its output
+    (`keep_*`, relative to the crop) and where that part lies in the window (`out_*`)."""
+
+    rows: slice
+    cols: slice
+    keep_rows: slice
+    keep_cols: slice
+    out_rows: slice
+    out_cols: slice
+
+
+def receptive_context(modules: list[nn.Module]) -> Optional[int]:
+    """Pixels each side that an output pixel of `modules` (run in turn, at one resolution) can see: the sum of
+    their convolutions' reach (an upper bound). None when one of them mixes the whole image (attention)."""
+    reach = 0
+    for module in modules:
+        for sub in module.modules():
+            if "attention" in type(sub).__name__.lower():
+                return None
+            if isinstance(sub, nn.Conv2d):
+                reach += max(d * (k - 1) // 2 for d, k in zip(sub.dilation, sub.kernel_size))
+    return reach
+
+
+def _largest_empty_rectangle(used: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) of the largest axis-aligned rectangle of False in the (h, w) bool `used`
+    (the classic histogram-and-stack method, one pass over the rows)."""
+    h, w = used.shape
+    heights = np.zeros(w + 1, dtype=np.int64)  # a sentinel 0 at the end
+    best, box = 0, (0, 0, 0, 0)
+    for row in range(h):
+        heights[:w] = np.where(used[row], 0, heights[:w] + 1)
+        stack: list[int] = []
+        for col in range(w + 1):
+            while stack and heights[stack[-1]] >= heights[col]:
+                height = int(heights[stack.pop()])
+                left = stack[-1] + 1 if stack else 0
+                if height * (col - left) > best:
+                    best, box = height * (col - left), (row + 1 - height, left, row + 1, col)
+            stack.append(col)
+    return box
+
+
+def band_strips(used: np.ndarray, context: int) -> Optional[list[Strip]]:
+    """Four strips of the window ((h, w) bool `used`: the pixels with loss weight) that leave out the largest
+    rectangle without loss weight, shrunk by `context` so that every used pixel's output is exact; each strip
+    reaches `context` pixels past its cut sides and keeps only the outputs that do not see the cut. None when
+    they would not save enough (`STRIPS_WORTH`)."""
+    h, w = used.shape
+    cell = STRIP_CELL  # found on a coarse grid (a cell is used when any of its pixels is): fast, and never too big
+    coarse = np.pad(used, ((0, -h % cell), (0, -w % cell))).reshape(-(-h // cell), cell, -(-w // cell), cell)
+    top, left, bottom, right = (v * cell for v in _largest_empty_rectangle(coarse.any(axis=(1, 3))))
+    top, left, bottom, right = top + context, left + context, min(bottom, h) - context, min(right, w) - context
+    if bottom <= top or right <= left:
+        return None
+    c, all_ = context, slice(None)
+    strips = [
+        Strip(slice(0, top + c), all_, slice(0, top), all_, slice(0, top), all_),
+        Strip(slice(bottom - c, h), all_, slice(c, None), all_, slice(bottom, h), all_),
+        Strip(slice(top - c, bottom + c), slice(0, left + c), slice(c, c + bottom - top), slice(0, left),
+              slice(top, bottom), slice(0, left)),
+        Strip(slice(top - c, bottom + c), slice(right - c, w), slice(c, c + bottom - top), slice(c, None),
+              slice(top, bottom), slice(right, w)),
+    ]
+    strips = [st for st in strips if st.out_rows.stop > st.out_rows.start and
+              (st.out_cols == all_ or st.out_cols.stop > st.out_cols.start)]
+    size = sum((st.rows.stop - st.rows.start) * ((st.cols.stop or w) - (st.cols.start or 0)) for st in strips)
+    return strips if size < STRIPS_WORTH * h * w else None
+
 
 class PinnedGroupNorm(nn.Module):
     """GroupNorm that normalises with statistics recorded once on the whole image (like BatchNorm in eval mode).
@@ -760,16 +838,34 @@ def _finetune_shared(base: LatentDecoder, start: int, tuned: set[int], latents: 
     params = {k: v.detach().clone().requires_grad_(True) for k, v in base.named_parameters() if id(v) in tuned}
     opt = torch.optim.Adam(params.values(), lr=lr)
     plateau, latest = _Plateau(1, patience), [None] * B
+    strips = None
+    if start > 0 and tuple(x.shape[-2:]) == tuple(cand.shape[-2:]):  # the trained stages at the output's resolution
+        context = receptive_context(base.stage_modules(start))
+        if context is not None:
+            strips = band_strips(((w_in + w_out)[0, 0] > 0).cpu().numpy(), context)
 
-    def decode(idx: list[int]) -> torch.Tensor:  # the shared weights, candidates idx's own statistics
-        return functional_call(base, {**params, **{k: v[idx] for k, v in stats.items()}}, (x[idx], start, None, window))
+    def decode(idx: list[int], rows: slice = slice(None), cols: slice = slice(None)) -> torch.Tensor:
+        """The shared weights, candidates idx's own statistics; the trained stages' input cut to rows, cols."""
+        return functional_call(base, {**params, **{k: v[idx] for k, v in stats.items()}},
+                               (x[idx][..., rows, cols], start, None, window))
+
+    def losses(idx: list[int]) -> torch.Tensor:  # (len(idx),)
+        if strips is None:
+            return _loss(decode(idx), cand[idx], src, w_in, w_out)
+        # only the strips around the band that the loss sees, each output pixel once: the same sum as the whole
+        # window's (the window's pixels without loss weight are all that is left out), divided by the same size
+        total = 0.0
+        for st in strips:
+            out = decode(idx, st.rows, st.cols)[..., st.keep_rows, st.keep_cols]
+            at = (..., st.out_rows, st.out_cols)
+            total = total + _loss(out, cand[idx][at], src[at], w_in[at], w_out[at]) * out[0].numel()
+        return total / cand[0].numel()
 
     with torch.enable_grad():
         for step in range(steps):
             _stop_check(should_stop)
             idx = [(step * per_step + j) % B for j in range(per_step)]  # the candidates in turn
-            out = decode(idx)
-            per = _loss(out, cand[idx], src, w_in, w_out)  # (per_step,)
+            per = losses(idx)  # (per_step,)
             opt.zero_grad(set_to_none=True)
             per.mean().backward()
             _set_lr(opt, lr * lr_factor(schedule, step, steps))

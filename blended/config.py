@@ -50,7 +50,7 @@ class EditConfig:
     decoder_schedule: str = "constant"  # the rate over the steps: "constant" (paper), "linear" or "cosine" decay from `decoder_lr` to 0 at `decoder_steps`
     decoder_lambda: float = 100.0  # weight of the source term outside the mask, `decoder` and `latent` (paper: 100)
     decoder_margin: int = 0  # latent pixels around the mask's box that `decoder`/`latent` decode (outer half fades); 0 = auto: twice the seam band
-    decoder_loss: str = "window"  # `decoder` fits its decode over the "window" (paper) or only the "band" the result shows it in (`keep_inside`/`exact_outside`: `feather` px outside the mask, `feather / 2` inside)
+    decoder_loss: str = "band"  # `decoder` fits its decode only in the "band" the result shows it in (`keep_inside`/`exact_outside`: `feather` px outside the mask, `feather / 2` inside; the window is then just that band) or over the whole "window" (paper)
     decoder_blocks: int = 0  # `decoder` tunes only the last N up blocks + output layers; 0 = all (paper)
     decoder_shared: bool = True  # `decoder`: one per-edit copy trained on all candidates in turn; False = a copy per candidate
     decoder_patience: int = 10  # `decoder`/`latent` stop once this many steps cut the loss < 10%; 0 = never

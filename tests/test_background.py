@@ -378,7 +378,8 @@ def test_keep_inside_keeps_the_candidate_inside_and_the_reconstruction_outside(s
     mask (and on its border) it is the optimised decode, exactly as without the option."""
     latents, decoded, source, mask = edit
     kw = dict(editor=sd1_editor, latents=latents, decoded=decoded, source=source, mask=mask)
-    cfg = EditConfig(decoder_steps=6, decoder_patience=0, decoder_lr=3e-3, feather=4)
+    # the paper's window loss: the fit is the same with and without the option (the band loss fits where each shows it)
+    cfg = EditConfig(decoder_steps=6, decoder_patience=0, decoder_lr=3e-3, feather=4, decoder_loss="window")
     kept = bg.reconstruct("decoder", config=cfg, **kw)
     whole = bg.reconstruct("decoder", config=cfg.replace(keep_inside=False), **kw)
     w = bg.inner_weights(mask, 2)
@@ -387,6 +388,8 @@ def test_keep_inside_keeps_the_candidate_inside_and_the_reconstruction_outside(s
     assert torch.equal(kept[deep], decoded[deep])
     assert torch.equal(kept[outside], whole[outside])
     assert not torch.allclose(whole[deep], decoded[deep], atol=1e-3)  # the whole decode does change the inside
+    band = bg.reconstruct("decoder", config=cfg.replace(decoder_loss="band"), **kw)
+    assert torch.equal(band[deep], decoded[deep])
 
 
 def test_exact_outside_keeps_the_source_beyond_the_seam_band(sd1_editor, edit):
@@ -394,7 +397,8 @@ def test_exact_outside_keeps_the_source_beyond_the_seam_band(sd1_editor, edit):
     it ramps from the optimised decode (at the mask) to the source, and inside nothing changes."""
     latents, decoded, source, mask = edit
     kw = dict(editor=sd1_editor, latents=latents, decoded=decoded, source=source, mask=mask)
-    cfg = EditConfig(decoder_steps=6, decoder_patience=0, decoder_lr=3e-3, feather=3)
+    # the paper's window loss and margin: the fit is the same with and without the option
+    cfg = EditConfig(decoder_steps=6, decoder_patience=0, decoder_lr=3e-3, feather=3, decoder_loss="window")
     for method in ("decoder", "latent"):
         exact = bg.reconstruct(method, config=cfg, **kw)
         window = bg.reconstruct(method, config=cfg.replace(exact_outside=False), **kw)
@@ -414,6 +418,11 @@ def test_window_margin_covers_the_seam_band_and_its_fade():
     assert bg.window_margin(auto.replace(feather=20), 8) == 5 and bg.window_margin(auto.replace(feather=1), 8) == 2
     assert bg.window_margin(auto.replace(decoder_margin=7), 8) == 7  # asked for: as asked
     assert bg.window_margin(auto.replace(exact_outside=False), 8) == 4  # the whole window is kept: more context
+    # `decoder_loss="band"` (the default): the window is the seam band, at least one latent
+    assert bg.decoder_settings(auto, 8)["margin"] == 1 and bg.decoder_settings(auto, 4)["margin"] == 2
+    assert bg.decoder_settings(auto.replace(decoder_loss="window"), 8)["margin"] == 2
+    assert bg.latent_settings(auto, 8)["margin"] == 2  # `latent` fits the whole window: as before
+    assert bg.decoder_settings(auto.replace(exact_outside=False), 8)["margin"] == 4
 
 
 def test_checkpointing_gives_the_same_gradients_with_swapped_in_weights(vae, edit):
@@ -567,3 +576,51 @@ def test_band_loss_fits_only_what_the_result_shows(sd1_editor, edit):
     assert not torch.allclose(a * use, window * use, atol=1e-3)  # the paper's loss does see them
     # without `exact_outside` the whole window's outside is shown: the band is then the window's outside
     assert bg.shown(mask, cfg.replace(exact_outside=False))[mask == 0].all()
+
+
+def test_band_strips_cover_every_used_pixel_once(monkeypatch):
+    monkeypatch.setattr(bg, "STRIPS_WORTH", 2.0)  # strips even where they save little
+    used = np.ones((40, 48), bool)
+    used[10:33, 6:44] = False  # the part of the window the loss does not see
+    strips = bg.band_strips(used, context=3)
+    assert strips is not None
+    covered = np.zeros_like(used, dtype=int)
+    for st in strips:
+        rows, cols = np.zeros(40, bool), np.zeros(48, bool)
+        rows[st.out_rows], cols[st.out_cols] = True, True
+        covered += rows[:, None] & cols[None, :]
+        # the kept outputs are `context` px away from every cut side of the crop
+        r0, r1 = st.rows.start or 0, st.rows.stop or 40
+        c0, c1 = st.cols.start or 0, st.cols.stop or 48
+        o = np.arange(40)[st.out_rows]
+        assert (o - r0 >= 3).all() or r0 == 0
+        assert (r1 - 1 - o >= 3).all() or r1 == 40
+        o = np.arange(48)[st.out_cols]
+        assert ((o - c0 >= 3).all() or c0 == 0) and ((c1 - 1 - o >= 3).all() or c1 == 48)
+        assert len(np.arange(r1 - r0)[st.keep_rows]) == len(np.arange(40)[st.out_rows])
+    assert covered.max() == 1 and covered[used].all()  # every used pixel once; only the hole is left out
+    assert bg.band_strips(np.ones((40, 48), bool), context=3) is None  # the paper's window loss: nothing to leave out
+    assert bg.receptive_context([torch.nn.Conv2d(1, 1, 3), torch.nn.Conv2d(1, 1, 5, dilation=2)]) == 5
+
+
+def test_band_strips_give_the_whole_windows_result(vae, monkeypatch):
+    """With the band loss and only the last up block trained, the steps run on strips around the band: the same
+    fine-tuned decode as running the whole window."""
+    source = smooth_images(1, seed=7)
+    mask = torch.zeros(1, 1, H, W)
+    mask[..., 4:28, 5:29] = 1
+    latents = torch.cat([_encode(vae, source), _encode(vae, smooth_images(1, seed=9))])
+    with torch.no_grad():
+        decoded = vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
+    focus = bg.shown(mask, EditConfig(feather=2))
+    kw = dict(steps=6, lr=3e-3, margin=1, patience=0, blocks=1, focus=focus)
+    calls = []
+    real = bg.band_strips
+    monkeypatch.setattr(bg, "band_strips", lambda *a: calls.append(real(*a)) or calls[-1])
+    monkeypatch.setattr(bg, "STRIPS_WORTH", 10.0)  # this tiny window: strips though they save nothing
+    monkeypatch.setattr(bg, "STRIP_CELL", 1)
+    strips = bg.finetune_decoder(vae, latents, decoded, source, mask, **kw)
+    assert calls and calls[-1] is not None  # the strips were used
+    monkeypatch.setattr(bg, "STRIPS_WORTH", 0.0)
+    whole = bg.finetune_decoder(vae, latents, decoded, source, mask, **kw)
+    assert torch.allclose(strips, whole, atol=1e-5)
