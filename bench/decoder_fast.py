@@ -18,7 +18,7 @@ denoise + decode), measured in the same process, each decoder edit right after i
 on a shared CPU swings by 20 % between runs, so "CPU time" gives the same ratio from the process's CPU
 seconds: (decoder edit - stitch edit) / stitch edit, whole edits.
 
-    python bench/decoder_fast.py --threads 1                 # both, writes docs/bench/decoder_fast.md (~15 min)
+    python bench/decoder_fast.py --threads 1 --reps 3 --fifty   # both, writes docs/bench/decoder_fast.md (~20 min)
     python bench/decoder_fast.py --sections demo --n 4       # a quick look
 """
 
@@ -42,7 +42,8 @@ from fewstep import BASE  # noqa: E402
 from quality import psnr_outside  # noqa: E402
 
 GENERATION = ("encode", "denoise", "decode")
-HEADERS = ["decoder fine-tuning", "seconds", "x 4-step edit", "x 4-step edit, CPU time", "PSNR outside dB (candidate 0)",
+HEADERS = ["decoder fine-tuning", "seconds", "x 4-step edit", "x 4-step edit, CPU time",
+           "PSNR outside dB (candidate 0)",
            "PSNR outside dB (mean of 4)"]
 FAST = dict(decoder_blocks=1, decoder_schedule="linear", decoder_lr=2e-3, decoder_patience=0)  # + the band loss
 
@@ -117,7 +118,7 @@ def measure(editor, cases: list, rows: list[tuple[str, dict]], reps: int, few: d
     return dict(generation=med(base_t), psnr=med(base_p)), out
 
 
-def sd(reps: int) -> str:
+def sd(reps: int, with_fifty: bool) -> str:
     from diffusers import StableDiffusionPipeline
 
     from blended.editor import Editor
@@ -131,10 +132,19 @@ def sd(reps: int) -> str:
     image, mask = scene(256, 256), centre_mask(256, 256)
     editor.edit(image, mask, "a red circle", num_candidates=1, num_inference_steps=1, rank=False)  # warm-up
     base, out = measure(editor, [(image, mask, "a red circle")], rows_for(editor.defaults.decoder_lr), reps, few)
+    headers, fifty = HEADERS, ""
+    if with_fifty:  # the default schedule once (about 40x the 4-step edit): decoder cost against it
+        t, _ = run_edit(editor, image, mask, "a red circle", dict(num_candidates=4, background="stitch"))
+        gen50 = sum(t[k] for k in GENERATION)
+        headers = HEADERS[:3] + ["x 50-step edit"] + HEADERS[3:]
+        out = [row[:3] + [row[1] / gen50] + row[3:] for row in out]
+        fifty = (" The default edit (ddim 50 steps, blend_start 0.25, guidance 7.5, 4 candidates), run once: "
+                 f"generation {gen50:.0f} s.")
     return (f"### SD 1.5 graph (random weights, width x0.25, 256 px, a 102 px square mask), 4 candidates at 4 LCM "
             f"steps; median of {reps} alternating runs\n\n"
-            f"4-step edit (stitch): generation {base['generation']:.2f} s, PSNR outside {base['psnr']:.1f} dB.\n\n"
-            + table(HEADERS, out) + "\n")
+            f"4-step edit (stitch): generation {base['generation']:.2f} s, PSNR outside {base['psnr']:.1f} dB."
+            f"{fifty}\n\n"
+            + table(headers, out) + "\n")
 
 
 def demo(n: int, fast: str) -> str:
@@ -159,13 +169,14 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=12, help="held-out demo edits")
     ap.add_argument("--reps", type=int, default=2, help="alternating runs of the SD edit")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fifty", action="store_true", help="sd: also the default 50-step edit once (~4 min more)")
     ap.add_argument("--fast", default="demo-fast", help="the few-step demo model (a folder or the preset)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sections = args.sections.split(",")
     parts = []
     if "sd" in sections:
-        parts.append(sd(args.reps))
+        parts.append(sd(args.reps, args.fifty))
     if "demo" in sections:
         parts.append(demo(args.n, args.fast))
     command = "python bench/decoder_fast.py " + " ".join(sys.argv[1:])

@@ -559,9 +559,12 @@ class DecodeStats:
             n, c = x.shape[:2]
             # GroupNorm's own kernel without the affine part: the statistics exactly as the decode computed them,
             # in half the time of var_mean (the decode's norm itself does not hand them out)
-            _, mean, rstd = torch.native_group_norm(x, None, None, n, c, x[0, 0].numel(), groups, module.eps)
-            var = rstd.float().reshape(n, groups) ** -2 - module.eps
-            self.values.setdefault(name, []).append((mean.float().reshape(n, groups), var))
+            try:
+                _, mean, rstd = torch.native_group_norm(x, None, None, n, c, x[0, 0].numel(), groups, module.eps)
+                mean, var = mean.float().reshape(n, groups), rstd.float().reshape(n, groups) ** -2 - module.eps
+            except RuntimeError:  # a dtype or backend without that kernel: the same statistics, in fp32
+                var, mean = torch.var_mean(x.float().reshape(n, groups, -1), dim=-1, correction=0)
+            self.values.setdefault(name, []).append((mean, var))
         return hook
 
     def __exit__(self, *exc: Any) -> None:
