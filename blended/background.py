@@ -21,6 +21,8 @@ the transition.
 from __future__ import annotations
 
 import copy
+import math
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import BACKGROUND_METHODS, EditConfig
+from .config import BACKGROUND_METHODS, DECODER_SCHEDULES, EditConfig
 from .errors import EditCancelled, InputError
 from .images import seam_weights
 
@@ -38,12 +40,15 @@ ShouldStop = Callable[[], bool]
 
 CPU_ACTIVATION_BYTES = 2 * 2**30  # on the CPU, `latent`/`decoder` recompute activations in backward above this estimate
 CUDA_FREE_SHARE = 0.5  # on CUDA, above this share of the free device memory
+STRIPS_WORTH = 0.85  # `decoder_loss="band"`: train on strips around the band when they hold < this share of the window
+STRIP_CELL = 4  # pixels per cell of the grid on which the strips' hole is found
 MIN_IMPROVEMENT = 0.1  # early stopping: a candidate is done when `patience` steps lowered its loss by less than this
 
 
 def reconstruct(method: str, *, editor: Any, latents: torch.Tensor, decoded: torch.Tensor, source: torch.Tensor,
                 mask: torch.Tensor, config: EditConfig, progress: Optional[Progress] = None,
-                should_stop: Optional[ShouldStop] = None, composite: bool = True) -> torch.Tensor:
+                should_stop: Optional[ShouldStop] = None, composite: bool = True,
+                stats: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
     """Make the candidates keep the source outside the mask.
 
     Args:
@@ -60,6 +65,8 @@ def reconstruct(method: str, *, editor: Any, latents: torch.Tensor, decoded: tor
             `decoder`). False leaves that last step to the caller, who does it at the upload's own
             resolution (`blended.images.composite`, as `Editor.edit` does): `stitch` then returns the
             candidates as they are.
+        stats: `latent` and `decoder`: the decoder's GroupNorm statistics recorded while `decoded` was made
+            (`DecodeStats`); None = they are recorded here, with one more decode of each candidate.
 
     Returns:
         (B, 3, H, W) float images in [-1, 1].
@@ -82,10 +89,11 @@ def reconstruct(method: str, *, editor: Any, latents: torch.Tensor, decoded: tor
     factor = decoded.shape[-1] // latents.shape[-1]
     if method == "latent":
         out = optimize_latents(vae, latents, decoded, source, mask, **latent_settings(config, factor),
-                               progress=progress, should_stop=should_stop)
+                               stats=stats, progress=progress, should_stop=should_stop)
     else:
+        focus = shown(mask, config) if config.decoder_loss == "band" else None
         out = finetune_decoder(vae, latents, decoded, source, mask, **decoder_settings(config, factor),
-                               progress=progress, should_stop=should_stop)
+                               focus=focus, stats=stats, progress=progress, should_stop=should_stop)
     if config.keep_inside:  # the optimised decode supplies the outside and the border; inside, the candidate
         w = inner_weights(mask, max(1, config.feather // 2))
         out = w * decoded + (1 - w) * out
@@ -95,14 +103,30 @@ def reconstruct(method: str, *, editor: Any, latents: torch.Tensor, decoded: tor
     return out
 
 
-def window_margin(config: EditConfig, factor: int) -> int:
+def shown(mask: torch.Tensor, config: EditConfig) -> torch.Tensor:
+    """(1, 1, H, W) 1 where the result shows the optimised decode, 0 where it does not: with `keep_inside` not
+    from `feather / 2` px inside the mask on (the candidate itself), with `exact_outside` not beyond the seam band
+    (the source itself). `decoder_loss="band"` fits the decoder there only."""
+    use = torch.ones_like(mask)
+    if config.keep_inside:
+        use = use * (inner_weights(mask, max(1, config.feather // 2)) < 1)
+    if config.exact_outside:
+        use = use * (feather_weights(mask, config.feather) > 0)
+    return use
+
+
+def window_margin(config: EditConfig, factor: int, band: bool = False) -> int:
     """Latent pixels decoded around the mask's box: `decoder_margin`, or when 0 (auto) enough for the seam band
     and as much again for the window's fade (at least 2): 2 latents at SD's x8 with an 8 px band, 4 at x4.
-    Without `exact_outside` the whole window is used, and auto is 4."""
+    Without `exact_outside` the whole window is used, and auto is 4. `band` (`decoder` with `decoder_loss="band"`):
+    the fit and the result see only the seam band, so the window is just the band (at least 1 latent: 1 at SD's
+    x8, 2 at x4), its fade within the band's outer half, where the band already fades into the source."""
     if config.decoder_margin > 0:
         return config.decoder_margin
     if not config.exact_outside:
         return 4
+    if band:
+        return max(1, -(-config.feather // factor))
     return max(2, -(-2 * config.feather // factor))
 
 
@@ -115,8 +139,28 @@ def latent_settings(config: EditConfig, factor: int) -> dict[str, Any]:
 def decoder_settings(config: EditConfig, factor: int) -> dict[str, Any]:
     """`finetune_decoder` arguments from an edit's settings (`factor`: pixels per latent)."""
     return dict(steps=config.decoder_steps, lr=config.decoder_lr, lam=config.decoder_lambda,
-                margin=window_margin(config, factor), patience=config.decoder_patience, batch_size=config.batch_size,
-                blocks=config.decoder_blocks, share=config.decoder_shared)
+                margin=window_margin(config, factor, band=config.decoder_loss == "band"),
+                patience=config.decoder_patience, batch_size=config.batch_size, blocks=config.decoder_blocks,
+                share=config.decoder_shared, schedule=config.decoder_schedule)
+
+
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """The learning rate of Adam step `step` (0-based) of `steps`, as a share of the peak: 1 throughout for
+    "constant" (the paper); "linear" and "cosine" fall from 1 at the first step towards 0 after the last, so the
+    last steps refine instead of jumping around the minimum at the full rate (docs/fewstep.md measures it)."""
+    if schedule == "constant":
+        return 1.0
+    done = step / max(steps, 1)
+    if schedule == "linear":
+        return 1.0 - done
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * done))
+    raise ValueError(f"unknown decoder_schedule '{schedule}': use one of {', '.join(DECODER_SCHEDULES)}")
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
 
 
 def inner_weights(mask: torch.Tensor, width: int) -> torch.Tensor:
@@ -251,6 +295,78 @@ def paste(window: Window, inner: torch.Tensor, source: torch.Tensor, latent_size
 
 # -- latent optimisation and decoder fine-tuning -----------------------------------------------------
 
+@dataclass(frozen=True)
+class Strip:
+    """A crop of the window that the trained stages run on: input rows/cols, the valid part of its output
+    (`keep_*`, relative to the crop) and where that part lies in the window (`out_*`)."""
+
+    rows: slice
+    cols: slice
+    keep_rows: slice
+    keep_cols: slice
+    out_rows: slice
+    out_cols: slice
+
+
+def receptive_context(modules: list[nn.Module]) -> Optional[int]:
+    """Pixels each side that an output pixel of `modules` (run in turn, at one resolution) can see: the sum of
+    their convolutions' reach (an upper bound). None when one of them mixes the whole image (attention)."""
+    reach = 0
+    for module in modules:
+        for sub in module.modules():
+            if "attention" in type(sub).__name__.lower():
+                return None
+            if isinstance(sub, nn.Conv2d):
+                reach += max(d * (k - 1) // 2 for d, k in zip(sub.dilation, sub.kernel_size))
+    return reach
+
+
+def _largest_empty_rectangle(used: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) of the largest axis-aligned rectangle of False in the (h, w) bool `used`
+    (the classic histogram-and-stack method, one pass over the rows)."""
+    h, w = used.shape
+    heights = np.zeros(w + 1, dtype=np.int64)  # a sentinel 0 at the end
+    best, box = 0, (0, 0, 0, 0)
+    for row in range(h):
+        heights[:w] = np.where(used[row], 0, heights[:w] + 1)
+        stack: list[int] = []
+        for col in range(w + 1):
+            while stack and heights[stack[-1]] >= heights[col]:
+                height = int(heights[stack.pop()])
+                left = stack[-1] + 1 if stack else 0
+                if height * (col - left) > best:
+                    best, box = height * (col - left), (row + 1 - height, left, row + 1, col)
+            stack.append(col)
+    return box
+
+
+def band_strips(used: np.ndarray, context: int) -> Optional[list[Strip]]:
+    """Four strips of the window ((h, w) bool `used`: the pixels with loss weight) that leave out the largest
+    rectangle without loss weight, shrunk by `context` so that every used pixel's output is exact; each strip
+    reaches `context` pixels past its cut sides and keeps only the outputs that do not see the cut. None when
+    they would not save enough (`STRIPS_WORTH`)."""
+    h, w = used.shape
+    cell = STRIP_CELL  # found on a coarse grid (a cell is used when any of its pixels is): fast, and never too big
+    coarse = np.pad(used, ((0, -h % cell), (0, -w % cell))).reshape(-(-h // cell), cell, -(-w // cell), cell)
+    top, left, bottom, right = (v * cell for v in _largest_empty_rectangle(coarse.any(axis=(1, 3))))
+    top, left, bottom, right = top + context, left + context, min(bottom, h) - context, min(right, w) - context
+    if bottom <= top or right <= left:
+        return None
+    c, all_ = context, slice(None)
+    strips = [
+        Strip(slice(0, top + c), all_, slice(0, top), all_, slice(0, top), all_),
+        Strip(slice(bottom - c, h), all_, slice(c, None), all_, slice(bottom, h), all_),
+        Strip(slice(top - c, bottom + c), slice(0, left + c), slice(c, c + bottom - top), slice(0, left),
+              slice(top, bottom), slice(0, left)),
+        Strip(slice(top - c, bottom + c), slice(right - c, w), slice(c, c + bottom - top), slice(c, None),
+              slice(top, bottom), slice(right, w)),
+    ]
+    strips = [st for st in strips if st.out_rows.stop > st.out_rows.start and
+              (st.out_cols == all_ or st.out_cols.stop > st.out_cols.start)]
+    size = sum((st.rows.stop - st.rows.start) * ((st.cols.stop or w) - (st.cols.start or 0)) for st in strips)
+    return strips if size < STRIPS_WORTH * h * w else None
+
+
 class PinnedGroupNorm(nn.Module):
     """GroupNorm that normalises with statistics recorded once on the whole image (like BatchNorm in eval mode).
 
@@ -343,6 +459,16 @@ class LatentDecoder(nn.Module):
             m.mean = m.var = None
         return images, stats
 
+    def statistics(self, latents: torch.Tensor, given: Optional[dict[str, torch.Tensor]] = None,
+                   idx: Optional[list[int]] = None) -> dict[str, torch.Tensor]:
+        """The pinned statistics of `latents`: rows `idx` of `given` (`DecodeStats.stats`, recorded while the edit
+        decoded them) when they cover every pinned norm, else `record`'s (one more whole-image decode)."""
+        names = {f"{n}.{k}" for n in self.pinned for k in ("mean", "var")}
+        if given is not None and set(given) == names:
+            dev = next(iter(self.decoder.parameters())).device
+            return {k: (v if idx is None else v[idx]).to(dev, torch.float32) for k, v in given.items()}
+        return self.record(latents)[1]
+
     def forward(self, x: torch.Tensor, start: int = 0, stop: Optional[int] = None,
                 window: Optional["Window"] = None) -> torch.Tensor:
         """Run stages start..stop-1 on x (whole scaled latents when start == 0); with `window`, the front's
@@ -393,6 +519,73 @@ class LatentDecoder(nn.Module):
         return checkpoint(lambda x: functional_call(module, tensors, (x, *args)), x, use_reentrant=False)
 
 
+class DecodeStats:
+    """Records, while the edit decodes its candidates with the shared VAE, the GroupNorm statistics that
+    `LatentDecoder.record` would otherwise compute with one more whole-image decode per candidate (on the SD
+    graph at 256 px that pass was half the time of a 4-step edit). Forward hooks on the norms of the VAE
+    decoder's up blocks and output layer keep each norm input's per-group mean and variance (fp32).
+
+    The VAE is shared by every edit in the process, so a hook only records calls from the thread that
+    opened it; `stats` checks that every norm saw each candidate once and that all values are finite,
+    and otherwise returns None (the caller then records them itself, as before). Tiled decoding
+    normalises each tile on its own: nothing is recorded then.
+
+        with DecodeStats(vae) as rec:
+            decoded = vae.decode(...)
+        stats = rec.stats(batch)  # {LatentDecoder buffer name: (batch, groups)} or None
+    """
+
+    def __init__(self, vae: nn.Module):
+        self.vae, self.handles, self.values = vae, [], {}
+        self.thread = threading.get_ident()
+
+    def __enter__(self) -> "DecodeStats":
+        if getattr(self.vae, "use_tiling", False) or not hasattr(self.vae, "decoder"):
+            return self
+        d = self.vae.decoder
+        for prefix, module in [(f"decoder.up_blocks.{i}", b) for i, b in enumerate(d.up_blocks)] + \
+                [("decoder.conv_norm_out", d.conv_norm_out)]:
+            for name, child in module.named_modules():
+                if isinstance(child, nn.GroupNorm):
+                    full = f"{prefix}.{name}" if name else prefix
+                    self.handles.append(child.register_forward_hook(self._hook(full, child.num_groups)))
+        return self
+
+    def _hook(self, name: str, groups: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if threading.get_ident() != self.thread:
+                return  # another edit decoding with the same VAE
+            x = args[0].detach()
+            n, c = x.shape[:2]
+            # GroupNorm's own kernel without the affine part: the statistics exactly as the decode computed them,
+            # in half the time of var_mean (the decode's norm itself does not hand them out)
+            try:
+                _, mean, rstd = torch.native_group_norm(x, None, None, n, c, x[0, 0].numel(), groups, module.eps)
+                mean, var = mean.float().reshape(n, groups), rstd.float().reshape(n, groups) ** -2 - module.eps
+            except RuntimeError:  # a dtype or backend without that kernel: the same statistics, in fp32
+                var, mean = torch.var_mean(x.float().reshape(n, groups, -1), dim=-1, correction=0)
+            self.values.setdefault(name, []).append((mean, var))
+        return hook
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def stats(self, batch: int) -> Optional[dict[str, torch.Tensor]]:
+        """{buffer name: (batch, groups)} in the form `LatentDecoder.record` returns, or None when anything is
+        missing or not finite."""
+        if not self.values:
+            return None
+        out = {}
+        for name, calls in self.values.items():
+            mean, var = torch.cat([m for m, _ in calls]), torch.cat([v for _, v in calls])
+            if mean.shape[0] != batch or not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
+                return None
+            out[f"{name}.mean"], out[f"{name}.var"] = mean, var
+        return out
+
+
 class _Plateau:
     """Per-candidate early stopping: done once the loss fell by less than MIN_IMPROVEMENT (relative) over the
     last `patience` steps (0 = never)."""
@@ -415,10 +608,13 @@ class _Plateau:
         return newly
 
 
-def _targets(window: Window, decoded: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, lam: float):
-    """Window crops of the candidates, the source and the weights of both loss terms."""
+def _targets(window: Window, decoded: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, lam: float,
+             focus: Optional[torch.Tensor] = None):
+    """Window crops of the candidates, the source and the weights of both loss terms (only where `focus` is 1,
+    when given)."""
     m = window.pixels(mask)  # (1, 1, hp, wp)
-    return window.pixels(decoded), window.pixels(source), m, lam * (1 - m)
+    f = window.pixels(focus) if focus is not None else torch.ones_like(m)
+    return window.pixels(decoded), window.pixels(source), m * f, lam * (1 - m) * f
 
 
 def _loss(out: torch.Tensor, cand: torch.Tensor, src: torch.Tensor, w_in: torch.Tensor,
@@ -440,10 +636,11 @@ def _device_of(vae: nn.Module) -> torch.device:
 def optimize_latents(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tensor, source: torch.Tensor,
                      mask: torch.Tensor, *, steps: int = 100, lr: float = 0.05, lam: float = 100.0, margin: int = 4,
                      patience: int = 10, batch_size: int = 4, checkpointing: Optional[bool] = None,
-                     progress: Optional[Progress] = None, should_stop: Optional[ShouldStop] = None) -> torch.Tensor:
+                     stats: Optional[dict[str, torch.Tensor]] = None, progress: Optional[Progress] = None,
+                     should_stop: Optional[ShouldStop] = None) -> torch.Tensor:
     """Background reconstruction by latent optimisation (paper §4.2): Adam on the window's latents,
     starting from the candidates', so that the frozen decoder (an fp32 copy) reproduces the candidate
-    inside the mask and the source outside it. Shapes as in `reconstruct`; `checkpointing` as in
+    inside the mask and the source outside it. Shapes as in `reconstruct`; `checkpointing` and `stats` as in
     `finetune_decoder`; returns (B, 3, H, W) in [-1, 1]."""
     from torch.func import functional_call
 
@@ -462,13 +659,13 @@ def optimize_latents(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tenso
     sl = (..., slice(window.top, window.bottom), slice(window.left, window.right))
     with torch.enable_grad():
         for g, idx in enumerate(groups):
-            _, stats = base.record(latents[idx])
+            pinned = base.statistics(latents[idx], stats, idx)
             z = latents[idx][sl].clone().requires_grad_(True)  # (G, C, window)
 
             def decode(z):
                 whole = latents[idx].clone()
                 whole[sl] = z  # the window's latents in the whole latents: the front sees everything
-                return functional_call(base, stats, (whole, 0, None, window))
+                return functional_call(base, pinned, (whole, 0, None, window))
 
             opt = torch.optim.Adam([z], lr=lr)
             plateau, kept = _Plateau(len(idx), patience), {}
@@ -533,8 +730,9 @@ def _decode_each(base: LatentDecoder, tensors: dict[str, torch.Tensor], x: torch
 def finetune_decoder(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tensor, source: torch.Tensor,
                      mask: torch.Tensor, *, steps: int = 75, lr: float = 1e-4, lam: float = 100.0, margin: int = 4,
                      patience: int = 10, batch_size: int = 4, blocks: int = 0, share: bool = True,
-                     vectorize: Optional[bool] = None, checkpointing: Optional[bool] = None,
-                     progress: Optional[Progress] = None,
+                     schedule: str = "constant", focus: Optional[torch.Tensor] = None, vectorize: Optional[bool] = None,
+                     checkpointing: Optional[bool] = None,
+                     stats: Optional[dict[str, torch.Tensor]] = None, progress: Optional[Progress] = None,
                      should_stop: Optional[ShouldStop] = None) -> torch.Tensor:
     """Background reconstruction by per-edit decoder fine-tuning (paper §4.2): an fp32 copy of the decoder,
     trained with Adam so that it decodes the candidates' latents to the candidates inside the mask and to the
@@ -542,6 +740,9 @@ def finetune_decoder(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tenso
 
     Args:
         steps: Adam steps of each copy (with `share`, of the one copy).
+        schedule: the learning rate over the steps (`lr_factor`): "constant" (the paper) or a decay from `lr`.
+        focus: (1, 1, H, W) 1 where the loss counts (`shown`: the pixels the result takes from the decode);
+            None = the whole window (the paper).
         share: one copy for the whole edit, trained on the candidates in turn (one per step on the CPU, up to
             `batch_size` per step on CUDA): the outside latents are the same `z_init` in every candidate, so
             one copy learns the source's background once instead of once per candidate. False: a copy per
@@ -552,6 +753,8 @@ def finetune_decoder(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tenso
             the mid block, the output layers) instead of keeping them: the same gradients, a fraction of the
             memory, some more time (docs/benchmarks.md). Default: when memory asks for it (`needs_checkpointing`:
             free CUDA memory, a size rule on the CPU). Not with vectorised copies.
+        stats: the pinned GroupNorm statistics of the candidates, recorded while the edit decoded them
+            (`DecodeStats`); None = one more whole-image decode per candidate records them here.
         Others as in `reconstruct`.
 
     Returns:
@@ -567,15 +770,16 @@ def finetune_decoder(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tenso
     base.checkpointing = needs_checkpointing(base, window, dev) if checkpointing is None else checkpointing
     start = 0 if blocks <= 0 else max(base.num_stages - 1 - blocks, 0)  # first trained stage
     tuned = {id(p) for m in base.stage_modules(start) for p in m.parameters()}
-    cand, src, w_in, w_out = _targets(window, decoded, source, mask, lam)
+    focus = focus.float().to(dev) if focus is not None else None
+    cand, src, w_in, w_out = _targets(window, decoded, source, mask, lam, focus)
     latents = latents.float().to(dev)
     B = latents.shape[0]
     if share:
         # several candidates per step on CUDA, one on the CPU and for large windows (memory: docs/benchmarks.md)
         per_step = min(batch_size, B) if dev.type == "cuda" and not base.checkpointing else 1
         out = _finetune_shared(base, start, tuned, latents, (cand, src, w_in, w_out), window, steps=steps, lr=lr,
-                               patience=patience, per_step=per_step, batch_size=batch_size, progress=progress,
-                               should_stop=should_stop)
+                               patience=patience, per_step=per_step, batch_size=batch_size, schedule=schedule,
+                               stats=stats, progress=progress, should_stop=should_stop)
         return paste(window, out, source, latent_size)
     if vectorize is None:
         vectorize = dev.type == "cuda"
@@ -585,12 +789,12 @@ def finetune_decoder(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tenso
     total, outs = steps * len(groups), []
     with torch.enable_grad():
         for g, idx in enumerate(groups):
-            _, stats = base.record(latents[idx])  # {name: (G, groups)}
+            pinned = base.statistics(latents[idx], stats, idx)  # {name: (G, groups)}
             x = latents[idx]
             if start > 0:  # the frozen stages, once: the front on the whole latents, the rest on the window
                 with torch.no_grad():
-                    x = functional_call(base, stats, (x, 0, start, window))
-            stats = {k: v[:, None] for k, v in stats.items()}  # (G, 1, groups): one row per copy
+                    x = functional_call(base, pinned, (x, 0, start, window))
+            pinned = {k: v[:, None] for k, v in pinned.items()}  # (G, 1, groups): one row per copy
             # one copy of the trained weights per candidate, stacked along a new first dimension
             params = {k: v.detach()[None].repeat(len(idx), *[1] * v.dim()).requires_grad_(True)
                       for k, v in base.named_parameters() if id(v) in tuned}
@@ -598,10 +802,11 @@ def finetune_decoder(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tenso
             plateau, kept = _Plateau(len(idx), patience), {}
             for step in range(steps):
                 _stop_check(should_stop)
-                out = _decode_each(base, {**params, **stats}, x, start, window)  # (G, 3, hp, wp)
+                out = _decode_each(base, {**params, **pinned}, x, start, window)  # (G, 3, hp, wp)
                 per = _loss(out, cand[idx], src, w_in, w_out)  # (G,)
                 opt.zero_grad(set_to_none=True)
                 per.sum().backward()  # a sum: each copy gets exactly its own candidate's gradient
+                _set_lr(opt, lr * lr_factor(schedule, step, steps))
                 opt.step()
                 for i in plateau.update(per.tolist()):
                     kept[i] = {k: v[i].detach().clone() for k, v in params.items()}
@@ -613,7 +818,7 @@ def finetune_decoder(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tenso
                 for i, weights in kept.items():  # copies that stopped early keep their weights of then
                     for k, v in weights.items():
                         params[k][i] = v
-                outs.append(_decode_each(base, {**params, **stats}, x, start, window))
+                outs.append(_decode_each(base, {**params, **pinned}, x, start, window))
             del params, opt
     if progress is not None:
         progress(total, total)
@@ -622,7 +827,8 @@ def finetune_decoder(vae: nn.Module, latents: torch.Tensor, decoded: torch.Tenso
 
 def _finetune_shared(base: LatentDecoder, start: int, tuned: set[int], latents: torch.Tensor, targets: tuple,
                      window: Window, *, steps: int, lr: float, patience: int, per_step: int, batch_size: int,
-                     progress: Optional[Progress], should_stop: Optional[ShouldStop]) -> torch.Tensor:
+                     schedule: str, stats: Optional[dict[str, torch.Tensor]], progress: Optional[Progress],
+                     should_stop: Optional[ShouldStop]) -> torch.Tensor:
     """One per-edit copy of the trained stages, fitted to all candidates in turn; returns their decoded
     windows (B, 3, hp, wp). Early stopping watches the mean of each candidate's latest loss."""
     from torch.func import functional_call
@@ -630,29 +836,48 @@ def _finetune_shared(base: LatentDecoder, start: int, tuned: set[int], latents: 
     cand, src, w_in, w_out = targets
     B = latents.shape[0]
     chunks = [list(range(i, min(i + batch_size, B))) for i in range(0, B, batch_size)]
-    stats, fronts = [], []
+    pinned, fronts = [], []
     for idx in chunks:  # per-candidate GroupNorm statistics; the frozen stages, once
-        _, s = base.record(latents[idx])
-        stats.append(s)
+        s = base.statistics(latents[idx], stats, idx)
+        pinned.append(s)
         with torch.no_grad():
             fronts.append(functional_call(base, s, (latents[idx], 0, start, window)) if start > 0 else latents[idx])
-    stats = {k: torch.cat([s[k] for s in stats]) for k in stats[0]}  # {name: (B, groups)}
+    stats = {k: torch.cat([s[k] for s in pinned]) for k in pinned[0]}  # {name: (B, groups)}
     x = torch.cat(fronts)
     params = {k: v.detach().clone().requires_grad_(True) for k, v in base.named_parameters() if id(v) in tuned}
     opt = torch.optim.Adam(params.values(), lr=lr)
     plateau, latest = _Plateau(1, patience), [None] * B
+    strips = None
+    if start > 0 and tuple(x.shape[-2:]) == tuple(cand.shape[-2:]):  # the trained stages at the output's resolution
+        context = receptive_context(base.stage_modules(start))
+        if context is not None:
+            strips = band_strips(((w_in + w_out)[0, 0] > 0).cpu().numpy(), context)
 
-    def decode(idx: list[int]) -> torch.Tensor:  # the shared weights, candidates idx's own statistics
-        return functional_call(base, {**params, **{k: v[idx] for k, v in stats.items()}}, (x[idx], start, None, window))
+    def decode(idx: list[int], rows: slice = slice(None), cols: slice = slice(None)) -> torch.Tensor:
+        """The shared weights, candidates idx's own statistics; the trained stages' input cut to rows, cols."""
+        return functional_call(base, {**params, **{k: v[idx] for k, v in stats.items()}},
+                               (x[idx][..., rows, cols], start, None, window))
+
+    def losses(idx: list[int]) -> torch.Tensor:  # (len(idx),)
+        if strips is None:
+            return _loss(decode(idx), cand[idx], src, w_in, w_out)
+        # only the strips around the band that the loss sees, each output pixel once: the same sum as the whole
+        # window's (the window's pixels without loss weight are all that is left out), divided by the same size
+        total = 0.0
+        for st in strips:
+            out = decode(idx, st.rows, st.cols)[..., st.keep_rows, st.keep_cols]
+            at = (..., st.out_rows, st.out_cols)
+            total = total + _loss(out, cand[idx][at], src[at], w_in[at], w_out[at]) * out[0].numel()
+        return total / cand[0].numel()
 
     with torch.enable_grad():
         for step in range(steps):
             _stop_check(should_stop)
             idx = [(step * per_step + j) % B for j in range(per_step)]  # the candidates in turn
-            out = decode(idx)
-            per = _loss(out, cand[idx], src, w_in, w_out)  # (per_step,)
+            per = losses(idx)  # (per_step,)
             opt.zero_grad(set_to_none=True)
             per.mean().backward()
+            _set_lr(opt, lr * lr_factor(schedule, step, steps))
             opt.step()
             for i, loss in zip(idx, per.tolist()):
                 latest[i] = loss

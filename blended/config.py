@@ -13,6 +13,8 @@ BACKGROUND_NOISE = ("fixed", "fresh")
 BACKGROUND_TIMESTEPS = ("next", "own")
 LATENT_MASK_MODES = ("any", "nearest", "core")
 BACKGROUND_METHODS = ("none", "stitch", "poisson", "latent", "decoder")
+DECODER_LOSSES = ("window", "band")  # where `decoder` fits the decode (blended.background.shown)
+DECODER_SCHEDULES = ("constant", "linear", "cosine")  # learning rate over `decoder_steps` (blended.background.lr_factor)
 SCHEDULERS = ("ddim", "dpm++", "euler", "euler-a", "lcm", "tcd")  # the last three: few-step models (docs/fewstep.md)
 
 
@@ -46,8 +48,10 @@ class EditConfig:
     feather: int = 8  # seam band in pixels of the upload, outside the mask, over which the edit fades into the upload
     decoder_steps: int = 75  # Adam steps of per-edit decoder fine-tuning (paper: 75)
     decoder_lr: float = 1e-4  # Adam learning rate of decoder fine-tuning (paper: 1e-4)
+    decoder_schedule: str = "constant"  # the rate over the steps: "constant" (paper), "linear" or "cosine" decay from `decoder_lr` to 0 at `decoder_steps`
     decoder_lambda: float = 100.0  # weight of the source term outside the mask, `decoder` and `latent` (paper: 100)
     decoder_margin: int = 0  # latent pixels around the mask's box that `decoder`/`latent` decode (outer half fades); 0 = auto: twice the seam band
+    decoder_loss: str = "band"  # `decoder` fits its decode only in the "band" the result shows it in (`keep_inside`/`exact_outside`: `feather` px outside the mask, `feather / 2` inside; the window is then just that band) or over the whole "window" (paper)
     decoder_blocks: int = 0  # `decoder` tunes only the last N up blocks + output layers; 0 = all (paper)
     decoder_shared: bool = True  # `decoder`: one per-edit copy trained on all candidates in turn; False = a copy per candidate
     decoder_patience: int = 10  # `decoder`/`latent` stop once this many steps cut the loss < 10%; 0 = never
@@ -98,6 +102,8 @@ class EditConfig:
             (0 <= self.feather <= 256, "feather must be between 0 and 256 pixels"),
             (1 <= self.decoder_steps <= 1000, "decoder_steps must be between 1 and 1000"),
             (0.0 < self.decoder_lr <= 1.0, "decoder_lr must be in (0, 1]"),
+            (self.decoder_loss in DECODER_LOSSES, f"decoder_loss must be one of {', '.join(DECODER_LOSSES)}"),
+            (self.decoder_schedule in DECODER_SCHEDULES, f"decoder_schedule must be one of {', '.join(DECODER_SCHEDULES)}"),
             (0.0 <= self.decoder_lambda <= 1e6, "decoder_lambda must be between 0 and 1e6"),
             (0 <= self.decoder_margin <= 1024, "decoder_margin must be between 0 (auto) and 1024 latent pixels"),
             (0 <= self.decoder_blocks <= 16, "decoder_blocks must be between 0 (all) and 16"),

@@ -173,7 +173,8 @@ class Editor:
 
     def _reconstruct(self, cfg: EditConfig, latents: torch.Tensor, decoded: torch.Tensor, x_source: torch.Tensor,
                      pixel_mask: torch.Tensor, exact: bool, report: Progress,
-                     should_stop: Optional[Callable[[], bool]]) -> tuple[torch.Tensor, Optional[str]]:
+                     should_stop: Optional[Callable[[], bool]],
+                     stats: Optional[dict[str, torch.Tensor]] = None) -> tuple[torch.Tensor, Optional[str]]:
         """Background reconstruction at work size (`blended.background.reconstruct`), leaving the final stitch
         to the full-resolution composite when `exact`. When `latent` or `decoder` runs out of memory the
         candidates go on as they are (the composite then is the default `stitch`) and a note says so."""
@@ -182,7 +183,7 @@ class Editor:
         report("reconstructing", 0, 1)
         try:
             out = reconstruct(cfg.background, editor=self, latents=latents, decoded=decoded, source=x_source.float(),
-                              mask=pixel_mask, config=cfg, composite=not exact,
+                              mask=pixel_mask, config=cfg, composite=not exact, stats=stats,
                               progress=lambda done, total: report("reconstructing", done, total),
                               should_stop=should_stop)
         except (torch.OutOfMemoryError, RuntimeError) as e:
@@ -340,6 +341,11 @@ class Editor:
 
         # 4. the blending loop, chunk by chunk; each chunk has its own scheduler state
         latents_all, decoded_all = [], []
+        # `latent`/`decoder` pin the decoder's GroupNorm statistics to the whole image's: recorded during this
+        # decode instead of by one more decode of every candidate (background.DecodeStats)
+        from .background import DecodeStats
+
+        decode_stats = DecodeStats(pipe.vae) if cfg.background in ("latent", "decoder") else None
         previewer = None
         if preview is not None:  # x0 estimates -> RGB by a linear map fitted once per VAE (no decode)
             from .preview import Previewer, latent_rgb_map, predicted_x0
@@ -380,7 +386,11 @@ class Editor:
             lap("denoise")
             report("decoding", c, len(chunks))
             latents_all.append(latents)
-            decoded_all.append(self.vae_decode(latents))
+            if decode_stats is None:
+                decoded_all.append(self.vae_decode(latents))
+            else:
+                with decode_stats:
+                    decoded_all.append(self.vae_decode(latents))
             lap("decode")
         latents = torch.cat(latents_all)
         decoded = torch.cat(decoded_all)  # (N, 3, H, W) in [-1, 1]
@@ -391,8 +401,9 @@ class Editor:
         pixel_mask = torch.from_numpy(work_mask.astype(np.float32))[None, None].to(m.device)  # (1, 1, H, W)
         exact = cfg.background != "none" and cfg.exact_outside
         if cfg.background != "none":
+            stats = decode_stats.stats(latents.shape[0]) if decode_stats is not None else None
             decoded, note = self._reconstruct(cfg, latents, decoded, x_source, pixel_mask, exact, report,
-                                              should_stop)
+                                              should_stop, stats)
             notes += [note] if note else []
             lap("background")
         blank = x_source.float() * (1 - pixel_mask)  # a filtered candidate keeps the source, its edit blanked grey

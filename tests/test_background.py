@@ -297,7 +297,7 @@ def test_reconstruct_dispatch_and_errors(sd1_editor, edit):
         bg.reconstruct("stitch", **{**kw, "source": source[..., :16]})
     for bad in ({"decoder_margin": -1}, {"decoder_patience": -2}, {"latent_steps": 0}, {"latent_lr": 0.0},
                 {"decoder_lr": 0.0}, {"decoder_steps": 0}, {"background": "blur"}, {"decoder_shared": "yes"},
-                {"exact_outside": 1}, {"core_steps": 1.0}):
+                {"exact_outside": 1}, {"core_steps": 1.0}, {"decoder_schedule": "step"}, {"decoder_loss": "ring"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             EditConfig(**bad).validate()
 
@@ -378,7 +378,8 @@ def test_keep_inside_keeps_the_candidate_inside_and_the_reconstruction_outside(s
     mask (and on its border) it is the optimised decode, exactly as without the option."""
     latents, decoded, source, mask = edit
     kw = dict(editor=sd1_editor, latents=latents, decoded=decoded, source=source, mask=mask)
-    cfg = EditConfig(decoder_steps=6, decoder_patience=0, decoder_lr=3e-3, feather=4)
+    # the paper's window loss: the fit is the same with and without the option (the band loss fits where each shows it)
+    cfg = EditConfig(decoder_steps=6, decoder_patience=0, decoder_lr=3e-3, feather=4, decoder_loss="window")
     kept = bg.reconstruct("decoder", config=cfg, **kw)
     whole = bg.reconstruct("decoder", config=cfg.replace(keep_inside=False), **kw)
     w = bg.inner_weights(mask, 2)
@@ -387,6 +388,8 @@ def test_keep_inside_keeps_the_candidate_inside_and_the_reconstruction_outside(s
     assert torch.equal(kept[deep], decoded[deep])
     assert torch.equal(kept[outside], whole[outside])
     assert not torch.allclose(whole[deep], decoded[deep], atol=1e-3)  # the whole decode does change the inside
+    band = bg.reconstruct("decoder", config=cfg.replace(decoder_loss="band"), **kw)
+    assert torch.equal(band[deep], decoded[deep])
 
 
 def test_exact_outside_keeps_the_source_beyond_the_seam_band(sd1_editor, edit):
@@ -394,7 +397,8 @@ def test_exact_outside_keeps_the_source_beyond_the_seam_band(sd1_editor, edit):
     it ramps from the optimised decode (at the mask) to the source, and inside nothing changes."""
     latents, decoded, source, mask = edit
     kw = dict(editor=sd1_editor, latents=latents, decoded=decoded, source=source, mask=mask)
-    cfg = EditConfig(decoder_steps=6, decoder_patience=0, decoder_lr=3e-3, feather=3)
+    # the paper's window loss and margin: the fit is the same with and without the option
+    cfg = EditConfig(decoder_steps=6, decoder_patience=0, decoder_lr=3e-3, feather=3, decoder_loss="window")
     for method in ("decoder", "latent"):
         exact = bg.reconstruct(method, config=cfg, **kw)
         window = bg.reconstruct(method, config=cfg.replace(exact_outside=False), **kw)
@@ -414,6 +418,11 @@ def test_window_margin_covers_the_seam_band_and_its_fade():
     assert bg.window_margin(auto.replace(feather=20), 8) == 5 and bg.window_margin(auto.replace(feather=1), 8) == 2
     assert bg.window_margin(auto.replace(decoder_margin=7), 8) == 7  # asked for: as asked
     assert bg.window_margin(auto.replace(exact_outside=False), 8) == 4  # the whole window is kept: more context
+    # `decoder_loss="band"` (the default): the window is the seam band, at least one latent
+    assert bg.decoder_settings(auto, 8)["margin"] == 1 and bg.decoder_settings(auto, 4)["margin"] == 2
+    assert bg.decoder_settings(auto.replace(decoder_loss="window"), 8)["margin"] == 2
+    assert bg.latent_settings(auto, 8)["margin"] == 2  # `latent` fits the whole window: as before
+    assert bg.decoder_settings(auto.replace(exact_outside=False), 8)["margin"] == 4
 
 
 def test_checkpointing_gives_the_same_gradients_with_swapped_in_weights(vae, edit):
@@ -469,3 +478,161 @@ def test_decoder_out_of_memory_falls_back_to_the_default_with_a_note(sd1_editor,
     monkeypatch.setattr(bg, "finetune_decoder", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape bug")))
     with pytest.raises(RuntimeError, match="shape bug"):  # other errors are not hidden
         sd1_editor.edit(image, mask, "a red circle", background="decoder", **kw)
+
+
+def test_lr_schedules_decay_from_the_peak():
+    assert [bg.lr_factor("constant", i, 4) for i in range(4)] == [1.0] * 4  # the paper
+    for schedule in ("linear", "cosine"):
+        f = [bg.lr_factor(schedule, i, 20) for i in range(20)]
+        assert f[0] == 1.0 and all(a > b for a, b in zip(f, f[1:])) and 0 < f[-1] < 0.1
+    assert bg.lr_factor("linear", 10, 20) == 0.5 and abs(bg.lr_factor("cosine", 10, 20) - 0.5) < 1e-9
+    with pytest.raises(ValueError, match="decoder_schedule"):
+        bg.lr_factor("step", 0, 4)
+
+
+def test_finetuning_uses_the_schedule(vae, edit, monkeypatch):
+    latents, decoded, source, mask = edit
+    rates = []
+    real = bg._set_lr
+    monkeypatch.setattr(bg, "_set_lr", lambda opt, lr: (rates.append(lr), real(opt, lr)))
+    for share in (True, False):
+        rates.clear()
+        bg.finetune_decoder(vae, latents, decoded, source, mask, steps=4, lr=1e-3, patience=0, schedule="linear",
+                            share=share)
+        per_copy = rates if share else rates[:4]
+        assert per_copy == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    # the first step is the peak rate: one step of either schedule is the same computation
+    one = dict(steps=1, lr=3e-3, margin=2, patience=0)
+    assert torch.equal(bg.finetune_decoder(vae, latents, decoded, source, mask, schedule="cosine", **one),
+                       bg.finetune_decoder(vae, latents, decoded, source, mask, **one))
+
+
+def test_decode_stats_are_the_recorded_statistics(vae, edit):
+    """The GroupNorm statistics recorded while the edit decodes (in chunks) are those `record` computes with one
+    more decode; a decode in another thread is not recorded; and fine-tuning with them gives the same result."""
+    import threading
+
+    latents, decoded, source, mask = edit
+    base = bg.LatentDecoder(vae)
+    _, recorded = base.record(latents)
+    with torch.no_grad():
+        rec = bg.DecodeStats(vae)
+        for chunk in (latents[:1], latents[1:]):
+            with rec:
+                other = threading.Thread(target=lambda: vae.decode(latents[:1] / vae.config.scaling_factor))
+                other.start()
+                other.join()
+                vae.decode(chunk / vae.config.scaling_factor)
+    stats = rec.stats(2)
+    assert set(stats) == set(recorded)
+    assert all(torch.allclose(stats[k], recorded[k], atol=1e-5, rtol=1e-4) for k in recorded)
+    assert rec.stats(3) is None  # not every candidate was seen: the caller records them itself
+    assert not any(m._forward_hooks for m in vae.modules())  # the hooks are gone
+    kw = dict(steps=5, lr=3e-3, margin=2, patience=0)
+    assert torch.allclose(bg.finetune_decoder(vae, latents, decoded, source, mask, stats=stats, **kw),
+                          bg.finetune_decoder(vae, latents, decoded, source, mask, **kw), atol=1e-4)
+    def no_kernel(*args):
+        raise RuntimeError("not implemented for this dtype")
+
+    fallback = bg.DecodeStats(vae)  # a backend without GroupNorm's kernel: var_mean gives the same
+    real = torch.native_group_norm
+    torch.native_group_norm = no_kernel
+    try:
+        with fallback, torch.no_grad():
+            vae.decode(latents / vae.config.scaling_factor)
+    finally:
+        torch.native_group_norm = real
+    assert all(torch.allclose(fallback.stats(2)[k], recorded[k], atol=1e-5, rtol=1e-4) for k in recorded)
+    tiled = bg.DecodeStats(vae)
+    vae.use_tiling = True
+    try:
+        with tiled, torch.no_grad():
+            vae.decode(latents / vae.config.scaling_factor)
+    finally:
+        vae.use_tiling = False
+    assert tiled.stats(2) is None  # tiles are normalised on their own: not the whole image's statistics
+
+
+def test_editor_decoder_edit_does_not_decode_again_for_the_statistics(sd1_editor, monkeypatch):
+    image, mask = scene(32, 32), box_mask(32, 32, (8, 8, 24, 20))
+    kw = dict(num_inference_steps=2, num_candidates=2, background="decoder", decoder_steps=3, feather=2, rank=False)
+    before = sd1_editor.edit(image, mask, "a red circle", **kw)
+
+    def no_record(self, latents):
+        raise AssertionError("recorded again")
+
+    monkeypatch.setattr(bg.LatentDecoder, "record", no_record)
+    after = sd1_editor.edit(image, mask, "a red circle", **kw)
+    for a, b in zip(before.images, after.images):
+        assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1
+
+
+def test_band_loss_fits_only_what_the_result_shows(sd1_editor, edit):
+    """`decoder_loss="band"`: the loss counts only where the result shows the decode (the seam band outside the
+    mask, its border band inside), so the source beyond the band and the candidate deep inside do not matter."""
+    latents, decoded, source, mask = edit
+    cfg = EditConfig(decoder_steps=4, decoder_patience=0, decoder_lr=3e-3, feather=3, decoder_loss="band")
+    use = bg.shown(mask, cfg)
+    v, w = bg.feather_weights(mask, 3), bg.inner_weights(mask, 1)
+    assert torch.equal(use.bool(), (v > 0) & (w < 1))
+    assert use[mask.bool()].float().mean() < 0.5 and use[~mask.bool()].float().mean() < 0.5  # a band, not the window
+    changed = source.clone()
+    changed[(use == 0).expand_as(source) & (mask == 0).expand_as(source)] = 1.0  # the source beyond the band
+    cands = decoded.clone()
+    cands[(use == 0).expand_as(decoded) & (mask == 1).expand_as(decoded)] = -1.0  # the candidates deep inside
+    kw = dict(editor=sd1_editor, latents=latents, mask=mask, composite=False)
+    a = bg.reconstruct("decoder", decoded=decoded, source=source, config=cfg, **kw)
+    b = bg.reconstruct("decoder", decoded=cands, source=changed, config=cfg, **kw)
+    assert torch.allclose((a * use), (b * use), atol=1e-5)
+    window = bg.reconstruct("decoder", decoded=cands, source=changed, config=cfg.replace(decoder_loss="window"), **kw)
+    assert not torch.allclose(a * use, window * use, atol=1e-3)  # the paper's loss does see them
+    # without `exact_outside` the whole window's outside is shown: the band is then the window's outside
+    assert bg.shown(mask, cfg.replace(exact_outside=False))[mask == 0].all()
+
+
+def test_band_strips_cover_every_used_pixel_once(monkeypatch):
+    monkeypatch.setattr(bg, "STRIPS_WORTH", 2.0)  # strips even where they save little
+    used = np.ones((40, 48), bool)
+    used[10:33, 6:44] = False  # the part of the window the loss does not see
+    strips = bg.band_strips(used, context=3)
+    assert strips is not None
+    covered = np.zeros_like(used, dtype=int)
+    for st in strips:
+        rows, cols = np.zeros(40, bool), np.zeros(48, bool)
+        rows[st.out_rows], cols[st.out_cols] = True, True
+        covered += rows[:, None] & cols[None, :]
+        # the kept outputs are `context` px away from every cut side of the crop
+        r0, r1 = st.rows.start or 0, st.rows.stop or 40
+        c0, c1 = st.cols.start or 0, st.cols.stop or 48
+        o = np.arange(40)[st.out_rows]
+        assert (o - r0 >= 3).all() or r0 == 0
+        assert (r1 - 1 - o >= 3).all() or r1 == 40
+        o = np.arange(48)[st.out_cols]
+        assert ((o - c0 >= 3).all() or c0 == 0) and ((c1 - 1 - o >= 3).all() or c1 == 48)
+        assert len(np.arange(r1 - r0)[st.keep_rows]) == len(np.arange(40)[st.out_rows])
+    assert covered.max() == 1 and covered[used].all()  # every used pixel once; only the hole is left out
+    assert bg.band_strips(np.ones((40, 48), bool), context=3) is None  # the paper's window loss: nothing to leave out
+    assert bg.receptive_context([torch.nn.Conv2d(1, 1, 3), torch.nn.Conv2d(1, 1, 5, dilation=2)]) == 5
+
+
+def test_band_strips_give_the_whole_windows_result(vae, monkeypatch):
+    """With the band loss and only the last up block trained, the steps run on strips around the band: the same
+    fine-tuned decode as running the whole window."""
+    source = smooth_images(1, seed=7)
+    mask = torch.zeros(1, 1, H, W)
+    mask[..., 4:28, 5:29] = 1
+    latents = torch.cat([_encode(vae, source), _encode(vae, smooth_images(1, seed=9))])
+    with torch.no_grad():
+        decoded = vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
+    focus = bg.shown(mask, EditConfig(feather=2))
+    kw = dict(steps=6, lr=3e-3, margin=1, patience=0, blocks=1, focus=focus)
+    calls = []
+    real = bg.band_strips
+    monkeypatch.setattr(bg, "band_strips", lambda *a: calls.append(real(*a)) or calls[-1])
+    monkeypatch.setattr(bg, "STRIPS_WORTH", 10.0)  # this tiny window: strips though they save nothing
+    monkeypatch.setattr(bg, "STRIP_CELL", 1)
+    strips = bg.finetune_decoder(vae, latents, decoded, source, mask, **kw)
+    assert calls and calls[-1] is not None  # the strips were used
+    monkeypatch.setattr(bg, "STRIPS_WORTH", 0.0)
+    whole = bg.finetune_decoder(vae, latents, decoded, source, mask, **kw)
+    assert torch.allclose(strips, whole, atol=1e-5)
