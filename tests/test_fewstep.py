@@ -9,7 +9,7 @@ import torch
 
 from blended import EditConfig, Editor
 from blended.errors import InputError
-from blended.fewstep import LCM, TCD, TURBO, recommended_for_lora, recommended_for_model
+from blended.fewstep import FAST_DECODER, LCM, TCD, TURBO, recommended_for_lora, recommended_for_model
 from blended.models import PRESETS
 from blended.schedulers import schedule, steps_run
 from blended.unet_call import guidance_embedding
@@ -113,7 +113,6 @@ def test_few_step_schedulers_keep_the_source_outside_exactly(sd1_editor, name):
 def test_tcd_gamma_zero_is_a_deterministic_ddim_step(sd1_editor):
     """`tcd_gamma` 0: TCD's step is the DDIM step of the model's own prediction, so the in-step noise (the
     candidate's generator) no longer matters; any other gamma draws from it. Out of [0, 1] is one line."""
-    from blended.errors import InputError
     from blended.schedulers import step_kwargs
 
     sched, _, timesteps = schedule(sd1_editor.model.pipe, "tcd", 2, 0.0)
@@ -154,7 +153,11 @@ def test_recommendations_for_few_step_checkpoints(sd1_editor, lcm_editor):
     assert recommended_for_model(PRESETS["sdxl-turbo"], pipe) == TURBO
     assert recommended_for_model(sd1_editor.model.source, pipe) == {}
     assert sd1_editor.defaults == EditConfig()
-    assert recommended_for_model("any/name", lcm_editor.model.pipe) == {"scheduler": "lcm", "num_inference_steps": 4}
+    assert recommended_for_model("any/name", lcm_editor.model.pipe) == {"scheduler": "lcm", "num_inference_steps": 4,
+                                                                        **FAST_DECODER}
+    fast = lcm_editor.defaults  # a few-step model's decoder fine-tuning: the fast recipe; demo-fast keeps the 75 steps
+    assert (fast.decoder_blocks, fast.decoder_schedule, fast.decoder_steps) == (1, "linear", 100)
+    assert Editor.load("demo-fast", device="cpu").defaults.decoder_blocks == 0
 
 
 def _lora_file(path, keys, metadata=None):

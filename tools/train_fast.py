@@ -60,6 +60,9 @@ COND_DIM = 64  # width of the guidance embedding the student reads
 RECOMMENDED = {  # blended.json of the distilled model: picked on validation edits (bench/fewstep.py --sections tune)
     "scheduler": "lcm", "num_inference_steps": 4, "guidance_scale": 7.5, "num_candidates": 4, "blend_start": 0.0,
     "core_steps": 0.75, "background_timestep": "next", "background_noise": "fixed", "decoder_lr": 0.001,
+    # decoder fine-tuning as the demo model's, not blended.fewstep.FAST_DECODER: on the 64 px VAE fixed costs dominate,
+    # so the fast recipe still takes 6.8x the edit and loses 1.9 dB (docs/fewstep.md)
+    "decoder_blocks": 0, "decoder_schedule": "constant", "decoder_steps": 75, "decoder_patience": 10,
 }
 
 
