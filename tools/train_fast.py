@@ -199,7 +199,46 @@ def teacher_edits(cases, vae, tokenizer, text_encoder, teacher, alphas, grid, re
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def train_phase(args, report, vae, tokenizer, text_encoder, teacher, alphas, demo: Path, out: Path, g):
+def distil(args, student, ema, batch_loss, save_to, report: dict, tag: str, warmup: int, started: float,
+           **final) -> None:
+    """The training loop both methods share: AdamW on `batch_loss()` (the lr schedule, clipping, the EMA `ema`
+    of `student`), a log line every 50 steps, `save_to(ema, report)` every --save-minutes and at the end; stops
+    at --steps or --minutes. `final` goes into the last report."""
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
+    t0, last_save, step, run = time.time(), time.time(), 0, 0.0
+    student.train()
+    report["steps"] = 0
+    while True:
+        progress = max(step / args.steps, (time.time() - t0) / (args.minutes * 60))
+        if progress >= 1.0:
+            break
+        lr = lr_at(progress, step, args.lr, warmup)
+        for pg in opt.param_groups:
+            pg["lr"] = lr
+        loss = batch_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in student.parameters()], 1 - args.ema)
+        step += 1
+        run += loss.item()
+        if step % 50 == 0:
+            log(f"{tag} step {step} loss {run / 50:.5f} lr {lr:.2e} {step / (time.time() - t0):.3f} it/s")
+            run = 0.0
+        if time.time() - last_save > args.save_minutes * 60:
+            report.update(steps=step, seconds=time.time() - t0)
+            save_to(ema, report)
+            last_save = time.time()
+            log(f"checkpoint at step {step} -> {args.out}")
+    report.update(steps=step, seconds=time.time() - t0, total_seconds=time.time() - started,
+                  student_params=nparams(student), finished=True, **final)
+    save_to(ema, report)
+    log(f"done: {step} steps in {time.time() - t0:.0f}s; saved {args.out}")
+
+
+def train_phase(args, report, vae, tokenizer, text_encoder, teacher, alphas, out: Path, g, started: float):
     """Phase distillation (`--method phase`): see the module's docstring."""
     from diffusers import UNet2DConditionModel
 
@@ -219,7 +258,7 @@ def train_phase(args, report, vae, tokenizer, text_encoder, teacher, alphas, dem
                              grid, record, factor, g)
         if cache is not None:
             torch.save(data, cache)
-    report["data_seconds"] = time.time() - T_START[0]
+    report["data_seconds"] = time.time() - started
     N, R = data["states"].shape[:2]
     rec = torch.tensor(record + [0])  # the recorded timesteps, then 0: the finished edit
     states = torch.cat([data["states"], data["target"][:, None]], 1)  # (N, R + 1, C, h, w)
@@ -234,16 +273,8 @@ def train_phase(args, report, vae, tokenizer, text_encoder, teacher, alphas, dem
     phases, pick = torch.tensor(phases), torch.tensor(weights)
     w_emb = guidance_embedding(EDIT_GUIDANCE, student.config.time_cond_proj_dim)
     weight = 1 + 3 * F.max_pool2d(data["mask"], 3, 1, 1)  # (N, 1, h, w): the mask dilated by one latent, 4x
-    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
-    student.train()
-    t0, last_save, step, run = time.time(), time.time(), 0, 0.0
-    while True:
-        progress = max(step / args.steps, (time.time() - t0) / (args.minutes * 60))
-        if progress >= 1.0:
-            break
-        lr = lr_at(progress, step, args.lr, 50)
-        for pg in opt.param_groups:
-            pg["lr"] = lr
+
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(0, N, (args.batch,), generator=g)
         ph = phases[torch.multinomial(pick, args.batch, replacement=True, generator=g)]
         x, goal = states[idx, ph[:, 0]], states[idx, ph[:, 1]]
@@ -252,30 +283,10 @@ def train_phase(args, report, vae, tokenizer, text_encoder, teacher, alphas, dem
         a_next = torch.where(t_next[:, None, None, None] > 0, alphas[t_next][:, None, None, None], torch.ones(()))
         x0, eps = x0_eps(student(x, t, data["cond"][idx], timestep_cond=w_emb.expand(len(idx), -1)).sample, x, a)
         pred = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps  # the deterministic (DDIM, TCD gamma 0) step
-        loss = (weight[idx] * (pred - goal) ** 2 / a_next).mean()  # / a_next: each phase on the clean scale
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in student.parameters()], 1 - args.ema)
-        step += 1
-        run += loss.item()
-        if step % 50 == 0:
-            log(f"phase step {step} loss {run / 50:.5f} lr {lr:.2e} {step / (time.time() - t0):.3f} it/s")
-            run = 0.0
-        if time.time() - last_save > args.save_minutes * 60:
-            report.update(steps=step, seconds=time.time() - t0)
-            save(out, init, ema, report)
-            last_save = time.time()
-            log(f"checkpoint at step {step} -> {out}")
-    report.update(steps=step, seconds=time.time() - t0, total_seconds=time.time() - T_START[0], cases=N,
-                  teacher_grid=grid, recorded=record, student_params=nparams(student), finished=True)
-    save(out, init, ema, report)
-    log(f"done: {step} steps in {time.time() - t0:.0f}s; saved {out}")
+        return (weight[idx] * (pred - goal) ** 2 / a_next).mean()  # / a_next: each phase on the clean scale
 
-
-T_START = [time.time()]
+    distil(args, student, ema, batch_loss, lambda net, rep: save(out, init, net, rep), report, "phase", 50, started,
+           cases=N, teacher_grid=grid, recorded=record)
 
 
 def main():
@@ -322,6 +333,11 @@ def main():
     teacher = UNet2DConditionModel.from_pretrained(demo / "unet").eval()
     for m in (vae, text_encoder, teacher):
         m.requires_grad_(False)
+    from diffusers import DDIMScheduler
+
+    alphas = DDIMScheduler.from_pretrained(demo / "scheduler").alphas_cumprod.float()  # (1000,)
+    if args.method == "phase":
+        return train_phase(args, report, vae, tokenizer, text_encoder, teacher, alphas, out, g, T0)
     student = build_student(teacher)
     target = build_student(teacher).eval().requires_grad_(False)
     if args.resume:  # a second stage: both networks start from the saved EMA target, a fresh cosine schedule
@@ -329,14 +345,7 @@ def main():
         student.load_state_dict(saved)
         target.load_state_dict(saved)
         report["resumed_from"] = json.loads((Path(args.resume) / "train_report.json").read_text())
-    from diffusers import DDIMScheduler
-
-    alphas = DDIMScheduler.from_pretrained(demo / "scheduler").alphas_cumprod.float()  # (1000,)
-    T = alphas.numel()
-    if args.method == "phase":
-        T_START[0] = T0
-        return train_phase(args, report, vae, tokenizer, text_encoder, teacher, alphas, demo, out, g)
-    k = T // args.ddim_steps
+    k = alphas.numel() // args.ddim_steps
     grid = torch.arange(1, args.ddim_steps + 1) * k - 1  # [19, 39, ..., 999]: LCMScheduler's training grid
     log(f"student params {nparams(student):,}; solver grid {grid[:3].tolist()}..{grid[-1].item()}, k={k}")
 
@@ -356,17 +365,7 @@ def main():
     log(f"{args.n_train} scenes -> latents {tuple(latents.shape)} in {time.time() - t:.0f}s")
 
     # 3. distillation
-    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
-    t0, last_save, step, run = time.time(), time.time(), 0, 0.0
-    student.train()
-    report["steps"] = 0
-    while True:
-        progress = max(step / args.steps, (time.time() - t0) / (args.minutes * 60))
-        if progress >= 1.0:
-            break
-        lr = lr_at(progress, step, args.lr, 100)
-        for pg in opt.param_groups:
-            pg["lr"] = lr
+    def batch_loss() -> torch.Tensor:
         B = args.batch
         idx = torch.randint(0, len(latents), (B,), generator=g)
         x0 = latents[idx]
@@ -393,27 +392,9 @@ def main():
             goal = cs * x_prev + co * target_x0
         cs, co = boundary(t_start)
         pred = cs * x_start + co * x0_eps(student(x_start, t_start, cond, timestep_cond=w_emb).sample, x_start, a_s)[0]
-        loss = F.mse_loss(pred, goal)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(target.parameters()), [p.detach() for p in student.parameters()], 1 - args.ema)
-        step += 1
-        run += loss.item()
-        if step % 50 == 0:
-            log(f"lcd step {step} loss {run / 50:.5f} lr {lr:.2e} {step / (time.time() - t0):.3f} it/s")
-            run = 0.0
-        if time.time() - last_save > args.save_minutes * 60:
-            report.update(steps=step, seconds=time.time() - t0)
-            save(out, demo, target, report)
-            last_save = time.time()
-            log(f"checkpoint at step {step} -> {out}")
-    report.update(steps=step, seconds=time.time() - t0, total_seconds=time.time() - T0,
-                  student_params=nparams(student), finished=True)
-    save(out, demo, target, report)
-    log(f"done: {step} steps in {time.time() - t0:.0f}s; saved {out}")
+        return F.mse_loss(pred, goal)
+
+    distil(args, student, target, batch_loss, lambda net, rep: save(out, demo, net, rep), report, "lcd", 100, T0)
 
 
 if __name__ == "__main__":
