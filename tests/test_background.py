@@ -507,7 +507,7 @@ def test_finetuning_uses_the_schedule(vae, edit, monkeypatch):
                        bg.finetune_decoder(vae, latents, decoded, source, mask, **one))
 
 
-def test_decode_stats_are_the_recorded_statistics(vae, edit):
+def test_decode_stats_are_the_recorded_statistics(vae, edit, monkeypatch):
     """The GroupNorm statistics recorded while the edit decodes (in chunks) are those `record` computes with one
     more decode; a decode in another thread is not recorded; and fine-tuning with them gives the same result."""
     import threading
@@ -531,26 +531,21 @@ def test_decode_stats_are_the_recorded_statistics(vae, edit):
     kw = dict(steps=5, lr=3e-3, margin=2, patience=0)
     assert torch.allclose(bg.finetune_decoder(vae, latents, decoded, source, mask, stats=stats, **kw),
                           bg.finetune_decoder(vae, latents, decoded, source, mask, **kw), atol=1e-4)
+
     def no_kernel(*args):
         raise RuntimeError("not implemented for this dtype")
 
-    fallback = bg.DecodeStats(vae)  # a backend without GroupNorm's kernel: var_mean gives the same
-    real = torch.native_group_norm
-    torch.native_group_norm = no_kernel
-    try:
-        with fallback, torch.no_grad():
-            vae.decode(latents / vae.config.scaling_factor)
-    finally:
-        torch.native_group_norm = real
-    assert all(torch.allclose(fallback.stats(2)[k], recorded[k], atol=1e-5, rtol=1e-4) for k in recorded)
-    tiled = bg.DecodeStats(vae)
-    vae.use_tiling = True
-    try:
-        with tiled, torch.no_grad():
-            vae.decode(latents / vae.config.scaling_factor)
-    finally:
-        vae.use_tiling = False
-    assert tiled.stats(2) is None  # tiles are normalised on their own: not the whole image's statistics
+    def recorded_while(patch: str, value):
+        stats = bg.DecodeStats(vae)
+        with monkeypatch.context() as mp:
+            mp.setattr(torch if patch == "native_group_norm" else vae, patch, value)
+            with stats, torch.no_grad():
+                vae.decode(latents / vae.config.scaling_factor)
+        return stats.stats(2)
+
+    fallback = recorded_while("native_group_norm", no_kernel)  # a backend without GroupNorm's kernel: var_mean
+    assert all(torch.allclose(fallback[k], recorded[k], atol=1e-5, rtol=1e-4) for k in recorded)
+    assert recorded_while("use_tiling", True) is None  # tiles are normalised on their own: not the whole image's statistics
 
 
 def test_editor_decoder_edit_does_not_decode_again_for_the_statistics(sd1_editor, monkeypatch):
