@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
+from .errors import InputError
 from .images import MAX_RESOLUTION
 
 START_FROM = ("source", "noise")
@@ -119,6 +122,61 @@ class EditConfig:
                 raise ValueError(message)
         return self
 
+    def checked(self) -> "EditConfig":
+        """`validate`, raising `InputError` (a message meant for the user) instead of ValueError; return self."""
+        try:
+            return self.validate()
+        except ValueError as e:
+            raise InputError(str(e)) from None
+
+    @classmethod
+    def from_json(cls, settings: Optional[dict[str, Any]], base: Optional["EditConfig"] = None) -> "EditConfig":
+        """The one coercer of settings given as JSON (CLI, batch manifest, app, API): `base` (default the
+        defaults) with `settings` applied, each value coerced to its field's type (5.0 is the integer 5, 5 the
+        float 5.0, a list a tuple; None keeps the base's value) and the whole checked. `InputError` names an
+        unknown setting or the first value of a wrong type or out of range."""
+        if settings is not None and not isinstance(settings, dict):
+            raise InputError("settings must be a JSON object of setting names and values")
+        base = base or cls()
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(settings or {}) - set(fields))
+        if unknown:
+            raise InputError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+        changes = {name: coerce(name, value, getattr(base, name))
+                   for name, value in (settings or {}).items() if value is not None}
+        return base.replace(**changes).checked()
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def coerce(name: str, value: Any, default: Any) -> Any:
+    """A JSON `value` as the type of the EditConfig field `name` (whose default is `default`); InputError if it
+    has the wrong type. A whole float is an integer (5.0 -> 5), an integer a float (5 -> 5.0)."""
+
+    def wrong(want: str) -> InputError:
+        return InputError(f"setting {name} must be {want}, got {json.dumps(value, default=repr)[:80]}")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or float(value) != int(value):
+            raise wrong("an integer")
+        return int(value)
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong("a number")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise wrong("a string")
+        return value
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)) or not value:
+            raise wrong("a list of integers")
+        return tuple(coerce(name, v, default[0] if default else 0) for v in value)
+    return value
 
