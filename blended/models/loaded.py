@@ -38,6 +38,11 @@ class LoadedModel:
     recommended: dict = field(default_factory=dict)  # EditConfig overrides from blended.json
     loras: tuple = ()  # LoraSpec per LoRA applied at load time, with its weight and the file's sha256
     vae: Optional[str] = None  # the VAE folder or file that replaced the checkpoint's own, if any
+    family: str = ""  # "sdxl" (two text encoders, added conditions) or "sd" (SD 1.x / 2.x, the demo); set at load
+
+    def __post_init__(self) -> None:
+        if not self.family:  # read once from the pipeline's parts, never tested again
+            self.family = "sdxl" if getattr(self.pipe, "text_encoder_2", None) is not None else "sd"
 
     @property
     def is_inpainting(self) -> bool:
@@ -52,7 +57,24 @@ class LoadedModel:
 
     @property
     def is_sdxl(self) -> bool:
-        return getattr(self.pipe, "text_encoder_2", None) is not None
+        return self.family == "sdxl"
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images in [-1, 1] -> scaled latents (B, C, H/f, W/f) in the model's dtype: the VAE
+        distribution's mean (deterministic), shifted and scaled by the VAE's own config."""
+        vae = self.pipe.vae
+        z = vae.encode(x.to(self.device, vae.dtype)).latent_dist.mean
+        return ((z - self.vae_shift) * vae.config.scaling_factor).to(self.dtype)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> (B, 3, H, W) float images in [-1, 1] (not clamped)."""
+        vae = self.pipe.vae
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + self.vae_shift).sample.float()
+
+    @property
+    def vae_shift(self) -> float:
+        """The VAE's `shift_factor` (0 where its config has none)."""
+        return getattr(self.pipe.vae.config, "shift_factor", None) or 0.0
 
     @property
     def vae_scale_factor(self) -> int:
