@@ -2,7 +2,7 @@
 
 Sections (demo model, held-out seeds no other bench uses):
 
-  loop   the official SD2 script's loop (bench/official.py), the project's default, and the default with
+  loop   the official SD2 script's loop (blended_dev/official.py), the project's default, and the default with
          one difference at a time: start, background noise, background timestep, mask downsampling,
          progressive shrinking, core_steps; background "none" (the raw decode, as the script), so PSNR
          and seam measure the loop itself
@@ -15,18 +15,18 @@ Sections (demo model, held-out seeds no other bench uses):
   tune   the model's recommended settings (guidance, core_steps, steps, scheduler) on a validation range of
          seeds that neither other section nor any other bench uses: how blended.json's values were picked
 
-    python bench/ablation.py --threads 1                 # ~1 h on one core, writes docs/bench/ablation.md
-    python bench/ablation.py --quick                     # smoke test
-    python bench/ablation.py --sections soft --n 80      # one section
-    python bench/ablation.py --sections tune --rows "guidance 7.5"   # some rows of a section
+    python -m bench.ablation --threads 1                 # ~1 h on one core, writes docs/bench/ablation.md
+    python -m bench.ablation --quick                     # smoke test
+    python -m bench.ablation --sections soft --n 80      # one section
+    python -m bench.ablation --sections tune --rows "guidance 7.5"   # some rows of a section
 
 Rows are cached in docs/bench/ablation.json under keys that name the model's defaults they ran with, so
 two processes can share the work (`--rows`) and the tables can be rewritten from the cache alone.
 
 Metrics: top-1 hit (the ranker's first of 4 candidates shows the asked colour and shape inside the mask),
 random-candidate hit (share of all candidates that do: what a 1-candidate edit gets), median PSNR outside the
-mask, seam error (mean |gradient jump| on the ring just outside the mask, quality.py's), the same on a band
-of 8 px outside the mask, and thin masks (4-8 px strokes, colour only). The judge (tools/analyse.py) looks
+mask, seam error (mean |gradient jump| on the ring just outside the mask, blended_dev/edits.py), the same on a band
+of 8 px outside the mask, and thin masks (4-8 px strokes, colour only). The judge (blended_dev/analyse.py) looks
 at the mask grown by 2 px, since objects drawn by the loop reach a little past it; the soft and fade
 sections also judge the top-1 on the asked pixels alone (which a soft edge in the composite alone leaves as they are).
 """
@@ -36,41 +36,22 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import sys
-import time
 
 import numpy as np
 import torch
 from PIL import Image
 
-from common import ROOT, table, write_doc
-
-sys.path.insert(0, str(ROOT / "tools"))
-sys.path.insert(0, str(ROOT / "bench"))
-import scenes  # noqa: E402
-from analyse import analyse_region  # noqa: E402
-from official import official_edit  # noqa: E402
-from quality import psnr_outside, seam_error, thin_case  # noqa: E402
-
-from blended.images import composite, seam_weights  # noqa: E402
-from blended.masks import strength_map  # noqa: E402
+from blended.images import composite, seam_weights
+from blended.masks import strength_map
+from blended_dev import ROOT, scenes
+from blended_dev.bench import table, write_doc
+from blended_dev.edits import engine_fn, evaluate, paired, thin_case
+from blended_dev.official import official_edit
 
 BASE = scenes.HELDOUT_SEED_START + 700_000  # apart from quality.py (+500k) and demo_eval.py (+0..50k)
 TUNE_BASE = scenes.HELDOUT_SEED_START + 800_000  # validation seeds: the defaults were picked here, judged at BASE
 CACHE = ROOT / "docs" / "bench" / "ablation.json"
-
-
-def band_seam(out: np.ndarray, src: np.ndarray, mask: np.ndarray, width: int = 8) -> float:
-    """Mean |gradient jump| over the band of pixels within `width` px outside the mask (soft transitions
-    spread there)."""
-    import cv2
-
-    dist = cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, 3)
-    band = (dist > 0) & (dist <= width)
-    g = lambda a: (np.abs(np.diff(a.astype(np.float32), axis=0, append=a[-1:].astype(np.float32)))  # noqa: E731
-                   + np.abs(np.diff(a.astype(np.float32), axis=1, append=a[:, -1:].astype(np.float32))))
-    return float(np.abs(g(out) - g(src))[band].mean()) if band.any() else 0.0
 
 
 def grey_mask(mask: np.ndarray, ramp: int = 6) -> np.ndarray:
@@ -79,50 +60,6 @@ def grey_mask(mask: np.ndarray, ramp: int = 6) -> np.ndarray:
 
     dist = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 3)
     return np.clip(dist / ramp, 0.0, 1.0).astype(np.float32)
-
-
-def evaluate(edit_fn, cases) -> dict:
-    """edit_fn(image, case) -> candidates best first; per case the asked colour (and shape) in the hard mask."""
-    rows = []
-    for case in cases:
-        image, mask, prompt, colour, shape = case
-        t = time.perf_counter()
-        ims = edit_fn(image, case)
-        dt = time.perf_counter() - t
-        def hit(im, grow=2):  # grow 0: the asked pixels alone
-            c, s = analyse_region(np.asarray(im), mask, grow=grow)
-            return c == colour and (shape is None or s == shape)
-        hits = [hit(im) for im in ims]
-        top = np.asarray(ims[0])
-        rows.append(dict(top=hits[0], strict=hit(ims[0], grow=0), mean=float(np.mean(hits)),
-                         psnr=psnr_outside(top, image, mask),
-                         seam=seam_error(top, image, mask), band=band_seam(top, image, mask), seconds=dt))
-    return dict(top=float(np.mean([r["top"] for r in rows])), mean=float(np.mean([r["mean"] for r in rows])),
-                tops="".join("1" if r["top"] else "0" for r in rows),  # per edit, for paired comparisons
-                strict=float(np.mean([r["strict"] for r in rows])),
-                stricts="".join("1" if r["strict"] else "0" for r in rows),
-                psnr=float(statistics.median([r["psnr"] for r in rows])),
-                seam=float(np.mean([r["seam"] for r in rows])), band=float(np.mean([r["band"] for r in rows])),
-                seconds=float(statistics.median([r["seconds"] for r in rows])), n=len(rows))
-
-
-def paired(a: dict, b: dict, key: str = "tops") -> str:
-    """b's top-1 minus a's on the same edits, with a 95 % interval (normal approximation of the paired
-    difference): "-0.012 (-0.03 to 0.01)"; "-" when a row lacks per-edit results. `key`: "tops" (the
-    judge's 2 px of grace around the mask) or "stricts" (the asked pixels alone)."""
-    if key not in a or key not in b or len(a[key]) != len(b[key]):
-        return "-"
-    d = np.array([int(y) - int(x) for x, y in zip(a[key], b[key])], dtype=np.float64)
-    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0
-    return f"{d.mean():+.3f} ({d.mean() - half:+.3f} to {d.mean() + half:+.3f})"
-
-
-def engine_fn(editor, mask_image=None, **settings):
-    def edit(image, case):
-        _, mask, prompt, _, _ = case
-        m = mask_image(mask) if mask_image else Image.fromarray(mask.astype(np.uint8) * 255)
-        return editor.edit(Image.fromarray(image), m, prompt, **settings).images
-    return edit
 
 
 def official_fn(editor):
@@ -152,7 +89,7 @@ def cached(cache: dict, key: str, make) -> dict:
 
 
 LOOP_ROWS = [  # (label, settings over the model's defaults (None = the official script's loop), thin masks too)
-    ("official script's loop (bench/official.py)", None, True),
+    ("official script's loop (bench/official.py)", None, True),  # now blended_dev/official.py; the label keys cached rows
     ("previous default (fixed noise, next timestep)", dict(background_noise="fixed", background_timestep="next"), True),
     ("start: pure noise", dict(start_from="noise", background_noise="fixed", background_timestep="next"), False),
     ("background noise: fresh each step", dict(background_noise="fresh", background_timestep="next"), False),
@@ -366,7 +303,7 @@ def main() -> None:
              "median s / edit"], rows))
 
     text = (f"# The blend loop against the official code, and soft masks\n\nCommand: "
-            f"`{' '.join(['python bench/ablation.py', *sys.argv[1:]])}`\n\n{head}\n\n" + "\n\n".join(out) + "\n")
+            f"`{' '.join(['python -m bench.ablation', *sys.argv[1:]])}`\n\n{head}\n\n" + "\n\n".join(out) + "\n")
     print(text)
     if not args.quick and args.rows is None:
         write_doc("ablation", text)

@@ -1,11 +1,11 @@
 """Benchmark of background reconstruction (paper §4.2): how well each method keeps the source outside
 the mask, how visible its seam is, and what it costs next to generating the edit.
 
-    python bench/background.py                # the bundled demo model (assets/demo) when it exists
-    python bench/background.py --train-vae 120  # a stand-in VAE of the demo's architecture, trained here
+    python -m bench.background                # the bundled demo model (assets/demo) when it exists
+    python -m bench.background --train-vae 120  # a stand-in VAE of the demo's architecture, trained here
 
 Parts:
-  A. real edits with the demo model (held-out scene edits of tools/scenes.py), every method through
+  A. real edits with the demo model (held-out scene edits of blended_dev/scenes.py), every method through
      `Editor.edit` with the same seeds, so all methods start from the same candidates;
   B. photos (a face, handwriting) at 128 px: candidates made by putting another photo's latents inside
      the mask (what the blend loop's last step gives), then `reconstruct` on them;
@@ -23,20 +23,15 @@ import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-
-from blended import EditConfig, Editor  # noqa: E402
-from blended.background import decoder_settings, reconstruct  # noqa: E402
+from blended import EditConfig, Editor
+from blended.background import decoder_settings, reconstruct
+from blended_dev import ROOT, scenes
 
 DOC = ROOT / "docs" / "background.md"
 PHOTOS = ROOT / "assets" / "photos"
@@ -124,8 +119,6 @@ def demo_vae_architecture():
 
 def train_standin_vae(seconds: float, seed: int = 0):
     """A small real VAE trained here on scenes and photo crops (deterministic encoder mean, L1 + MSE)."""
-    import scenes
-
     torch.manual_seed(seed)
     vae = demo_vae_architecture()
     imgs, _ = scenes.dataset(range(2000))
@@ -162,8 +155,6 @@ def train_standin_vae(seconds: float, seed: int = 0):
 # -- part A: real edits with the demo model ------------------------------------------------------
 
 def part_a(editor: Editor, cases: int, candidates: int) -> tuple[list[dict], dict]:
-    import scenes
-
     rows: dict[str, list[dict]] = {label: [] for label, _ in METHODS}
     cost: dict[str, list[float]] = {"generation": []}
     for c in range(cases):
@@ -234,7 +225,6 @@ def _u8(x: torch.Tensor) -> np.ndarray:
 
 
 def part_b(vae) -> list[dict]:
-    editor = SimpleNamespace(model=SimpleNamespace(pipe=SimpleNamespace(vae=vae)))
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     sf = vae.config.scaling_factor
     rows: dict[str, list[dict]] = {label: [] for label, _ in METHODS}
@@ -254,8 +244,8 @@ def part_b(vae) -> list[dict]:
             cfg = EditConfig().replace(**over)
             calls = []
             t0 = time.perf_counter()
-            out = reconstruct(cfg.background, editor=editor, latents=latents, decoded=decoded, source=source,
-                              mask=mask, config=cfg, progress=lambda d, t: calls.append((d, t)))
+            out = reconstruct(cfg.background, vae=vae, latents=latents, decoded=decoded, source=source, mask=mask,
+                              config=cfg, progress=lambda d, t: calls.append((d, t)))
             seconds = time.perf_counter() - t0
             steps = steps_run(calls, cfg)
             for out_i, cand_i in zip(out, decoded):
@@ -379,7 +369,7 @@ def main(argv=None) -> None:
         args.skip += "B"
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*batching rule.*")
-    command = "python bench/background.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m bench.background " + " ".join(argv if argv is not None else sys.argv[1:])
     sections = [f"Command: `{command.strip()}`  ",
                 f"Machine: {platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), CPU; "
                 f"{time.strftime('%Y-%m-%d')}", ""]

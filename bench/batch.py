@@ -7,8 +7,8 @@ of the top-1 results, and the cost of a rerun that skips everything; (B) UNet ti
 of one job against the batch two or four jobs would share, on the demo UNet and on the SD 1.5 graph at a
 quarter of its widths, turned into the most a whole job could gain.
 
-    python bench/batch.py              # 32 edits (~5 min on 2 idle cores), writes docs/bench/batch.md
-    python bench/batch.py --quick      # 4 edits, seconds, prints only
+    python -m bench.batch              # 32 edits (~5 min on 2 idle cores), writes docs/bench/batch.md
+    python -m bench.batch --quick      # 4 edits, seconds, prints only
 """
 
 from __future__ import annotations
@@ -30,11 +30,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import ROOT, sd_components, table, write_doc
-
-sys.path.insert(0, str(ROOT / "tools"))
-import scenes  # noqa: E402
-from analyse import analyse_region  # noqa: E402
+from blended_dev import ROOT, scenes
+from blended_dev.analyse import analyse_region
+from blended_dev.bench import table, write_doc
+from blended_dev.tiny import sd_components
 
 BASE = scenes.HELDOUT_SEED_START + 600_000  # apart from the other benches' seeds
 
@@ -155,7 +154,7 @@ def main() -> None:
                          round(r["cpu"], 1), f"{same}/{total}"])
         q = quality(ref["dir"], cases)
         text_a = (
-            f"{n} held-out demo edits (`tools/scenes.py`, seeds from {BASE}), the demo model's defaults (4 candidates, "
+            f"{n} held-out demo edits (`blended_dev/scenes.py`, seeds from {BASE}), the demo model's defaults (4 candidates, "
             "20 steps, ranked); each run is a fresh `python -m blended batch` process (or two under `accelerate launch "
             "--multi_gpu --num_processes 2`, gloo on the CPU), so wall time includes Python, torch and the model "
             "loading. 'After load' divides the edits by the wall time less the main process's model load.\n\n"
@@ -203,7 +202,7 @@ def main() -> None:
     out.append("## B. Candidates of consecutive jobs in one UNet batch\n\n" + text_b)
 
     load_after = os.getloadavg()[0]
-    doc = (f"# Batch editing\n\nCommand: `python bench/batch.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`"
+    doc = (f"# Batch editing\n\nCommand: `python -m bench.batch{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`"
            f" on {os.cpu_count()} CPU cores (load average {load_before:.1f} before, {load_after:.1f} after: the machine "
            "was shared, so times are indicative).\n\n" + "\n\n".join(out) + "\n")
     if not args.quick:

@@ -5,7 +5,7 @@ that make it cheaper (docs/fewstep.md, "Decoder fine-tuning at few-step speed").
 Two setups, each edit run end to end through `Editor.edit`, rows alternating within one process (the CPU is
 shared, so ratios are what to read):
 
-  sd    the SD 1.5 graph with random weights (bench/common.py's sd_components) at width 0.25 and 256 px, one
+  sd    the SD 1.5 graph with random weights (blended_dev/tiny.py's sd_components) at width 0.25 and 256 px, one
         edit (bench/fewstep.py's scene and centre mask), 4 candidates at 4 LCM steps without guidance. A random
         decoder decodes poorly (stitch: 27 dB outside), so the fine-tuning has more to learn than on a trained
         VAE: read its timings, and its PSNR as a rough guide only
@@ -18,8 +18,8 @@ denoise + decode), measured in the same process, each decoder edit right after i
 on a shared CPU swings by 20 % between runs, so "CPU time" gives the same ratio from the process's CPU
 seconds: (decoder edit - stitch edit) / stitch edit, whole edits.
 
-    python bench/decoder_fast.py --threads 1 --reps 3 --fifty   # both, writes docs/bench/decoder_fast.md (~20 min)
-    python bench/decoder_fast.py --sections demo --n 4       # a quick look
+    python -m bench.decoder_fast --threads 1 --reps 3 --fifty   # both, writes docs/bench/decoder_fast.md (~20 min)
+    python -m bench.decoder_fast --sections demo --n 4       # a quick look
 """
 
 from __future__ import annotations
@@ -33,13 +33,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import ROOT, centre_mask, scene, sd_components, table, write_doc
+from blended_dev import scenes
+from blended_dev.bench import centre_mask, scene, table, write_doc
+from blended_dev.edits import FEWSTEP_BASE, psnr_outside
+from blended_dev.tiny import sd_components
 
-sys.path.insert(0, str(ROOT / "tools"))
-sys.path.insert(0, str(ROOT / "bench"))
-import scenes  # noqa: E402
-from fewstep import BASE  # noqa: E402
-from quality import psnr_outside  # noqa: E402
+BASE = FEWSTEP_BASE  # bench/fewstep.py's held-out edits: the cases of its decoder section
 
 GENERATION = ("encode", "denoise", "decode")
 HEADERS = ["decoder fine-tuning", "seconds", "x 4-step edit", "x 4-step edit, CPU time",
@@ -179,7 +178,7 @@ def main() -> None:
         parts.append(sd(args.reps, args.fifty))
     if "demo" in sections:
         parts.append(demo(args.n, args.fast))
-    command = "python bench/decoder_fast.py " + " ".join(sys.argv[1:])
+    command = "python -m bench.decoder_fast " + " ".join(sys.argv[1:])
     text = (f"## Decoder fine-tuning at few-step speed\n\nCommand: `{command}` ({time.strftime('%Y-%m-%d')}; CPU, "
             f"{torch.get_num_threads()} thread(s), a 2-core machine shared with other jobs: read ratios)\n\n"
             + "\n".join(parts))

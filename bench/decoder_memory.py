@@ -2,8 +2,8 @@
 of the full Stable Diffusion VAE (block widths 128/256/512/512, random weights, shapes from the published
 configs) at 512 px (SD 1.5 / 2.1) and SDXL's at 1024 px, with masks covering 10 %, 30 % and 60 % of the image.
 
-    python bench/decoder_memory.py                 # every row (about an hour on 2 CPU cores)
-    python bench/decoder_memory.py --quick         # a tiny VAE, to check that the script runs
+    python -m bench.decoder_memory                 # every row (about an hour on 2 CPU cores)
+    python -m bench.decoder_memory --quick         # a tiny VAE, to check that the script runs
 
 Each row runs in its own process (peak RSS is per process), one fine-tuning step of the shared decoder copy
 (one candidate per step, as on the CPU and for large windows on CUDA) after the whole-image statistics pass.
@@ -29,8 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BEFORE_COMMIT = "12149d8"
+from blended_dev import ROOT
+from blended_dev.bench import BEFORE_COMMIT, have_before
+
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32,
               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 MODELS = {  # name: (VAE config, image side)
@@ -43,15 +44,8 @@ TINY = {"tiny VAE": (dict(block_out_channels=(8, 16), layers_per_block=1, latent
 VARIANTS = ("before", "after", "after, no checkpointing")
 
 
-def have_before() -> bool:
-    """Whether this clone has the commit the `before` rows measure."""
-    return subprocess.run(["git", "cat-file", "-e", f"{BEFORE_COMMIT}^{{commit}}"], cwd=ROOT,
-                          capture_output=True).returncode == 0
-
-
 def _module(variant: str):
     """blended.background now, or as it was at BEFORE_COMMIT (loaded from git into a temporary module)."""
-    sys.path.insert(0, str(ROOT))
     if variant != "before":
         import blended.background as bg
         return bg
@@ -123,7 +117,7 @@ def one(model: str, fraction: float, variant: str, threads: int) -> dict:
 
 def run_row(model: str, fraction: float, variant: str, threads: int, limit_gb: float) -> dict:
     """One row in a child process, its heap capped at `limit_gb`."""
-    cmd = [sys.executable, __file__, "--one", json.dumps([model, fraction, variant]), "--threads", str(threads)]
+    cmd = [sys.executable, "-m", "bench.decoder_memory", "--one", json.dumps([model, fraction, variant]), "--threads", str(threads)]
 
     def cap():
         limit = int(limit_gb * 2 ** 30)
@@ -194,7 +188,7 @@ def main() -> None:
             with open(args.rows, "a") as f:
                 f.write(json.dumps(row) + "\n")
     rows.sort(key=lambda r: (r["model"] != "SD 1.5 / 2.1 VAE", r["fraction"], VARIANTS.index(r["variant"])))
-    text = (f"# Decoder fine-tuning at real sizes\n\n`python bench/decoder_memory.py{' --quick' if args.quick else ''}`"
+    text = (f"# Decoder fine-tuning at real sizes\n\n`python -m bench.decoder_memory{' --quick' if args.quick else ''}`"
             f" on {platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, "
             f"{time.strftime('%Y-%m-%d')}; one Adam step of the shared decoder copy after the whole-image "
             f"statistics pass; rise = peak RSS minus RSS before fine-tuning (weights and inputs already loaded). "

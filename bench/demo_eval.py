@@ -1,10 +1,10 @@
 """Measure the bundled demo model on held-out seeds.
 
-    HF_HUB_OFFLINE=1 python bench/demo_eval.py                  # all sections
-    python bench/demo_eval.py --per-phrase 4 --n-edit 20        # quicker
+    HF_HUB_OFFLINE=1 python -m bench.demo_eval                  # all sections
+    python -m bench.demo_eval --per-phrase 4 --n-edit 20        # quicker
 
 Sections (all seeds >= scenes.HELDOUT_SEED_START, never used in training):
-  analyser   accuracy of tools/analyse.py on ground-truth scenes (so the other numbers can be trusted)
+  analyser   accuracy of blended_dev/analyse.py on ground-truth scenes (so the other numbers can be trusted)
   t2i        StableDiffusionPipeline on assets/demo, 64x64: does the analyser find the asked
              colour and shape? (target >= 90% colour+shape)
   ranker     open_clip ranker (assets/demo_ranker): 18-way zero-shot accuracy on scenes
@@ -20,18 +20,14 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import analyse  # noqa: E402
-import scenes  # noqa: E402
-from analyse import analyse_image, analyse_region  # noqa: E402,F401  (re-exported for the engine)
+from blended_dev import ROOT, scenes
+from blended_dev.analyse import analyse_image, analyse_region
 
 PHRASES = [f"a {c} {s}" for c in scenes.COLOURS for s in scenes.SHAPES]
 EVAL_BASE = scenes.HELDOUT_SEED_START  # + offsets below keep sections apart

@@ -8,7 +8,7 @@ Sections:
            source noised to the next timestep against the step's own, the loop alone (background "none")
   speed    the demo edit at 4 steps (demo-fast) against 20 (demo), alternating runs of the same edits:
            seconds per stage and UNet evaluations (rows of the UNet's batch)
-  sd       the SD 1.5 graph with random weights (bench/common.py's sd_components): 4 candidates at 4 LCM
+  sd       the SD 1.5 graph with random weights (blended_dev/tiny.py's sd_components): 4 candidates at 4 LCM
            steps without guidance, 1 candidate at 4 steps, and the default schedule with guidance; seconds
            per stage and UNet evaluations. Full size (width 1, 512 px) is about 40 minutes on 2 cores;
            --quick runs the same graph at width 0.25 and 256 px
@@ -16,9 +16,9 @@ Sections:
   decoder  `--background decoder` next to a 50-step and a 4-step edit on the demo models: the seconds it
            adds and the PSNR outside the mask, at the defaults and with fewer steps at a higher rate
 
-    python bench/fewstep.py --sections quality,speed,decoder --n 80 --threads 1   # ~25 min on a busy core
-    python bench/fewstep.py --sections sd --quick                                 # the SD graph, small shapes
-    python bench/fewstep.py --sections sd --threads 2                             # full size, an idle machine
+    python -m bench.fewstep --sections quality,speed,decoder --n 80 --threads 1   # ~25 min on a busy core
+    python -m bench.fewstep --sections sd --quick                                 # the SD graph, small shapes
+    python -m bench.fewstep --sections sd --threads 2                             # full size, an idle machine
 
 Writes docs/bench/fewstep.md (and fewstep.json, the rows).
 """
@@ -35,14 +35,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import ROOT, CallCounter, centre_mask, params, scene, sd_components, table, write_doc
+from blended_dev import ROOT, scenes
+from blended_dev.bench import CallCounter, centre_mask, params, scene, table, write_doc
+from blended_dev.edits import FEWSTEP_BASE, engine_fn, evaluate, psnr_outside
+from blended_dev.tiny import sd_components
 
-sys.path.insert(0, str(ROOT / "tools"))
-sys.path.insert(0, str(ROOT / "bench"))
-import scenes  # noqa: E402
-from ablation import engine_fn, evaluate  # noqa: E402
-
-BASE = scenes.HELDOUT_SEED_START + 900_000  # apart from every other bench's seeds
+BASE = FEWSTEP_BASE  # apart from every other bench's seeds
 TUNE_BASE = scenes.HELDOUT_SEED_START + 910_000  # validation seeds: demo-fast's blended.json was picked here
 CACHE = ROOT / "docs" / "bench" / "fewstep.json"
 STAGES = ["prepare", "encode", "denoise", "decode", "safety", "background", "paste", "rank", "total"]
@@ -205,8 +203,7 @@ def sd_graph(quick: bool, reps: int, cache: dict, with_decoder: bool) -> str:
         print(label, out[label], flush=True)
     # decoder fine-tuning next to these edits: checkpointing as before (every window over 128 px) and as now
     # (when memory asks), the paper's 75 steps (early stopping on) and fewer steps at a higher rate
-    import blended.background as bg
-    from quality import psnr_outside
+    import blended.background.decoder as bg  # where `needs_checkpointing` reads CPU_ACTIVATION_BYTES
 
     few = dict(runs[1][1])
     lr = editor.defaults.decoder_lr
@@ -283,7 +280,6 @@ def decoder(editors: dict, n: int, cache: dict, quick: bool) -> str:
 
 
 def timed(editor, cases, settings: dict) -> dict:
-    from quality import psnr_outside
 
     timings, psnrs = [], []
     for image, mask, prompt, *_ in cases:
@@ -325,7 +321,7 @@ def main() -> None:
         parts.append(decoder(editors, 2 if args.quick else args.n_decoder, cache, args.quick))
     if "sd" in sections:
         parts.append(sd_graph(args.quick, 1 if args.quick else 2, cache, args.quick or args.sd_decoder))
-    command = "python bench/fewstep.py " + " ".join(sys.argv[1:])
+    command = "python -m bench.fewstep " + " ".join(sys.argv[1:])
     text = (f"## Few-step edits\n\nCommand: `{command}` ({time.strftime('%Y-%m-%d')}; CPU timings on a 2-core "
             "machine shared with other jobs: noisy)\n\n" + "\n".join(parts))
     print(text)

@@ -2,19 +2,19 @@
 end to end by stage, and the default schedule's UNet cost from one timed guided call at batch 8 (37 calls after
 blend_start 0.25). The default edit itself (about half an hour) is not run: its time is that extrapolation.
 
-    python bench/fewstep_full.py
+    python -m bench.fewstep_full
 """
-import sys
 import time
 
 import torch
-from pathlib import Path
-sys.path.insert(0, str(Path(__file__).resolve().parent)); sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-torch.set_num_threads(2)
-from common import sd_components, scene, centre_mask
 from diffusers import StableDiffusionPipeline
+
 from blended.editor import Editor
 from blended.models import LoadedModel
+from blended_dev.bench import centre_mask, scene
+from blended_dev.tiny import sd_components
+
+torch.set_num_threads(2)
 comps = sd_components(1.0, 512)
 pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 ed = Editor(LoadedModel(pipe=pipe, name="sd15-graph", source="bench", device=torch.device("cpu"), dtype=torch.float32), ranker=None)

@@ -1,8 +1,8 @@
 """Full-resolution fidelity: what an edit of a large photo changes outside the mask, under each background
 method, and how much of the photo's detail survives inside a big mask at each working resolution.
 
-    python bench/fidelity.py            # the bundled demo model (about 5 minutes on 2 CPU cores)
-    python bench/fidelity.py --quick    # fewer rows, to check that the script runs
+    python -m bench.fidelity            # the bundled demo model (about 5 minutes on 2 CPU cores)
+    python -m bench.fidelity --quick    # fewer rows, to check that the script runs
 
 The photo is 1600x1200: the coffee photo scaled up with film grain, with the astronaut's face and the text
 sample pasted in at their own resolution (assets/photos), so it has texture, a face and text. Part A edits
@@ -19,17 +19,14 @@ changed under `none` and under the default; `--picture-only` remakes just the pi
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from blended import Editor  # noqa: E402
+from blended import Editor
+from blended_dev import ROOT
 
 PHOTOS = ROOT / "assets" / "photos"
 METHODS = ("none", "stitch", "poisson", "latent", "decoder")
@@ -201,7 +198,7 @@ def main() -> None:
     rows_b = part_b(editor, photo, big_mask, resolutions, n)
     text = "\n".join([
         "# Full-resolution fidelity", "",
-        f"`python bench/fidelity.py{' --quick' if args.quick else ''}`, model `{args.model}` "
+        f"`python -m bench.fidelity{' --quick' if args.quick else ''}`, model `{args.model}` "
         f"(native {editor.model.native_size} px), {n} candidates, {time.strftime('%Y-%m-%d')}, 2 CPU cores.", "",
         "## A. Outside the mask: pixels beyond the seam band that changed (of the upload, bit for bit)", "",
         *rows_a, "",

@@ -1,7 +1,7 @@
 """A 9-channel inpainting UNet with blending, with and without its conditioning, on held-out demo edits (issue 20).
 
-    OMP_NUM_THREADS=1 python tools/train_inpaint_demo.py --out /tmp/demo-inpaint      # the model (~12 min)
-    OMP_NUM_THREADS=1 python bench/inpaint.py --model /tmp/demo-inpaint --n 80        # writes docs/bench/inpaint.md
+    OMP_NUM_THREADS=1 python -m tools.train_inpaint_demo --out /tmp/demo-inpaint      # the model (~12 min)
+    OMP_NUM_THREADS=1 python -m bench.inpaint --model /tmp/demo-inpaint --n 80        # writes docs/bench/inpaint.md
 
 Rows, all with the engine's defaults (blending every step, exact composite outside the mask):
   demo (4-ch)       the bundled text-to-image demo model the 9-channel one was fine-tuned from
@@ -9,7 +9,7 @@ Rows, all with the engine's defaults (blending every step, exact composite outsi
   9-ch, w=0.5 / 0   `inpainting_mask_weight`: half / all of the source shown under the mask
   9-ch, off         `inpainting_conditioning=False`: zeros in the extra channels (the UNet as text-to-image)
 
-Metrics (bench/ablation.py's judge): top-1 hit (the ranker's first of 4 candidates shows the asked colour and
+Metrics (blended_dev/edits.py's evaluate): top-1 hit (the ranker's first of 4 candidates shows the asked colour and
 shape in the mask, 2 px grace), random-candidate hit, the same on the larger half of the masks, median PSNR
 outside the mask, seconds per edit. Seeds: scenes.HELDOUT_SEED_START + 900_000 on, used by no other bench.
 """
@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import numpy as np
 import torch
 
-from ablation import engine_fn, evaluate, paired
-from common import ROOT, table, write_doc
-
-sys.path.insert(0, str(ROOT / "tools"))
-import scenes  # noqa: E402
+from blended_dev import ROOT, scenes
+from blended_dev.bench import table, write_doc
+from blended_dev.edits import engine_fn, evaluate, paired
 
 BASE = scenes.HELDOUT_SEED_START + 900_000
 
@@ -69,7 +66,7 @@ def main() -> None:
     text = table(["model / conditioning", "top-1 hit", "vs demo (paired, 95 %)", "random-candidate hit",
                   "top-1, larger half of masks", "PSNR outside (dB, median)", "s / edit"], rows)
     header = (f"# 9-channel inpainting UNet with blending ({args.n} held-out demo edits, 4 candidates, the demo's "
-              f"defaults; `python bench/inpaint.py --model {args.model} --n {args.n}`; timings on a shared 2-core "
+              f"defaults; `python -m bench.inpaint --model {args.model} --n {args.n}`; timings on a shared 2-core "
               "CPU, noisy)\n\n")
     print(text)
     write_doc("inpaint", header + text + "\n")

@@ -1,30 +1,26 @@
 """Outpainting against inpainting on the demo model: do shapes asked for in an extended canvas adhere as well
 as shapes asked for in a region of the picture?
 
-    HF_HUB_OFFLINE=1 python bench/outpaint.py --n 40
+    HF_HUB_OFFLINE=1 python -m bench.outpaint --n 40
 
-For each held-out edit case (tools/scenes.py, seeds no other bench uses) the scene's right strip of STRIP px is
+For each held-out edit case (blended_dev/scenes.py, seeds no other bench uses) the scene's right strip of STRIP px is
   inpaint:  masked on the whole scene (the picture's own content there is replaced), and
   outpaint: cut off, then added back by the app's Extend the canvas (blurred edge colours, ui/editing.py),
 with the same prompt, mask, seed and default settings (4 candidates, ranked). Reported: the top-1 candidate
-shows the asked colour and shape in the mask (tools/analyse.py), any candidate does, and the share of all
+shows the asked colour and shape in the mask (blended_dev/analyse.py), any candidate does, and the share of all
 candidates that do. The standard edit cases (an object-sized box or ellipse inside the scene) are the reference.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
-import scenes  # noqa: E402
-from analyse import analyse_region  # noqa: E402
+from blended_dev import scenes
+from blended_dev.analyse import analyse_region
 
 STRIP = 28  # px of the 64 px scene: wide enough for an object of the demo world (22-36 px)
 SEED0 = scenes.HELDOUT_SEED_START + 90_000

@@ -1,6 +1,6 @@
 """What live previews cost: the same edit with and without the `preview` hook, interleaved, median of repeats.
 
-    HF_HUB_OFFLINE=1 python bench/preview.py --repeats 7
+    HF_HUB_OFFLINE=1 python -m bench.preview --repeats 7
 
 On the demo model (its tiny UNet makes the relative cost the largest of any model) at the app's rate (a preview
 every steps/10 steps) and at every step, plus the cost of one preview at Stable Diffusion's shapes
@@ -9,17 +9,15 @@ every steps/10 steps) and at every step, plus the cost of one preview at Stable 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from blended_dev import ROOT
 
 
 def main() -> None:
@@ -90,10 +88,10 @@ def main() -> None:
         p(x0)
     per = (time.perf_counter() - start) / 10
     m = editor.model
-    bp._maps.clear()
+    fresh = copy.deepcopy(m.pipe.vae)  # the map is cached per VAE object: a copy is fitted anew, like a new model
     start = time.perf_counter()
     with torch.no_grad():
-        latent_rgb_map(m.pipe.vae, editor._vae_encode, m.vae_scale_factor)
+        latent_rgb_map(fresh, m.encode, m.vae_scale_factor)
     fit = time.perf_counter() - start
     print(f"\none preview of 4 candidates at SD 512 px shapes (64x64 latents -> 256 px): {1000 * per:.1f} ms; "
           f"fitting the map on the demo VAE (once): {1000 * fit:.0f} ms")

@@ -3,67 +3,30 @@
 Sections: prompt adherence and background PSNR at default settings, ranking lift (top-1 vs a random
 candidate), thin masks with and without progressive shrinking, the effect of `blend_start`, where new
 content forms (`core_steps`, on 160 edits and 80 thin masks), and the background methods (PSNR and seam
-error outside the mask). Seeds are held out (tools/scenes.py).
+error outside the mask). Seeds are held out (blended_dev/scenes.py).
 
-    python bench/quality.py --threads 1   # full (~15 min), writes docs/bench/quality.md + PNG
-    python bench/quality.py --quick    # smoke test, seconds
+    python -m bench.quality --threads 1   # full (~15 min), writes docs/bench/quality.md + PNG
+    python -m bench.quality --quick    # smoke test, seconds
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
+import sys
 import time
 
 import numpy as np
 import torch
 from PIL import Image
 
-from common import ROOT, plot, table, write_doc
-
-import sys
-
-sys.path.insert(0, str(ROOT / "tools"))
-import scenes  # noqa: E402
-from analyse import analyse_region  # noqa: E402
+from blended_dev import ROOT, scenes
+from blended_dev.analyse import analyse_region
+from blended_dev.bench import plot, table, write_doc
+from blended_dev.edits import psnr_outside, seam_error, thin_case
+from blended_dev.official import official_edit
 
 BASE = scenes.HELDOUT_SEED_START + 500_000  # apart from bench/demo_eval.py's seeds
-
-
-def psnr_outside(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
-    """PSNR (dB) of the pixels outside `mask`."""
-    keep = ~mask
-    mse = float(((a.astype(np.float64)[keep] - b.astype(np.float64)[keep]) ** 2).mean())
-    return 10 * math.log10(255.0**2 / max(mse, 1e-10))
-
-
-def seam_error(out: np.ndarray, src: np.ndarray, mask: np.ndarray) -> float:
-    """Mean |gradient jump| across the mask border: the result's gradient minus the source's, on the
-    ring of pixels just outside the mask (0 = the border is as smooth as the source's own)."""
-    import cv2
-
-    ring = cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & ~mask
-    def grad(a):
-        g = a.astype(np.float32)
-        return np.abs(np.diff(g, axis=0, append=g[-1:])) + np.abs(np.diff(g, axis=1, append=g[:, -1:]))
-    return float(np.abs(grad(out) - grad(src))[ring].mean()) if ring.any() else 0.0
-
-
-def thin_case(seed: int):
-    """A scene with a thin stroke mask (4 to 8 px wide: 1 to 2 latents at x4) and a colour to draw there."""
-    rng = np.random.default_rng([seed, 11])
-    image, _, _, _, _ = scenes.make_edit_case(seed)
-    mask = np.zeros(image.shape[:2], bool)
-    width = int(rng.integers(4, 9))
-    if rng.random() < 0.5:
-        y = int(rng.integers(8, 56 - width))
-        mask[y:y + width, 8:56] = True
-    else:
-        x = int(rng.integers(8, 56 - width))
-        mask[8:56, x:x + width] = True
-    colour = list(scenes.COLOURS)[int(rng.integers(len(scenes.COLOURS)))]
-    return image, mask, f"a {colour} square", colour
 
 
 def run_edits(editor, cases, **settings):
@@ -84,9 +47,7 @@ def run_edits(editor, cases, **settings):
 
 
 def run_official(editor, cases):
-    """`run_edits` for the official SD2 script's loop (bench/official.py) with the model's default settings."""
-    from official import official_edit
-
+    """`run_edits` for the official SD2 script's loop (blended_dev/official.py) with the model's default settings."""
     d, rows = editor.defaults, []
     for image, mask, prompt, colour, shape in cases:
         t = time.perf_counter()
@@ -135,7 +96,7 @@ def main() -> None:
     out = []
     head = (f"Demo model (`assets/demo`), its defaults: {d.num_candidates} candidates, {d.num_inference_steps} "
             f"steps, guidance {d.guidance_scale}, blend_start {d.blend_start}; {n} held-out edits per row; CPU, "
-            f"{torch.get_num_threads()} threads. An edit is a hit when tools/analyse.py finds the asked colour and "
+            f"{torch.get_num_threads()} threads. An edit is a hit when blended_dev/analyse.py finds the asked colour and "
             "shape inside the mask.")
 
     # 1. defaults, ranking lift
@@ -144,7 +105,7 @@ def main() -> None:
     norank = summary(run_edits(editor, cases, rank=False))
     raw = summary(run_edits(editor, cases, background="none"))
     official = summary(run_official(editor, cases))
-    out.append("## Adherence, background and ranking lift (defaults)\n\nThe official script's loop (bench/official.py, "
+    out.append("## Adherence, background and ranking lift (defaults)\n\nThe official script's loop (blended_dev/official.py, "
                "ranked by the same ranker) gives the raw decode; compare it with the default's `none` row.\n\n" + table(
         ["setting", "top-1 hit", "random-candidate hit", "median PSNR outside dB", "seam", "median s / edit"],
         [["ranked (default)", s["top"], s["mean"], s["psnr"], s["seam"], s["seconds"]],
@@ -205,7 +166,7 @@ def main() -> None:
     out.append(f"## Background methods ({len(sub)} edits)\n\n" + table(
         ["method", "median PSNR outside dB", "seam (mean abs gradient jump)", "top-1 hit", "median s / edit"], rows))
 
-    text = (f"# Quality on held-out demo edits\n\nCommand: `{' '.join(['python bench/quality.py', *sys.argv[1:]])}`"
+    text = (f"# Quality on held-out demo edits\n\nCommand: `{' '.join(['python -m bench.quality', *sys.argv[1:]])}`"
             f"\n\n{head}\n\n" + "\n\n".join(out) + "\n\n![top-1 results](quality_top1.png)\n")
     print(text)
     if not args.quick:

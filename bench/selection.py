@@ -1,12 +1,12 @@
 """Selection (issue 22): GrabCut's quality on the demo world's scenes, its latency, real SAM's CPU cost at its true
 shapes (random weights), edit quality with grown masks and the one-click multi-mask ranking.
 
-    HF_HUB_OFFLINE=1 python bench/selection.py --threads 1                 # all sections, writes docs/bench/selection-<sections>.md
-    python bench/selection.py --quick                                      # smoke test, writes nothing
-    python bench/selection.py --sections grow,multi --n 120                # some sections
+    HF_HUB_OFFLINE=1 python -m bench.selection --threads 1                 # all sections, writes docs/bench/selection-<sections>.md
+    python -m bench.selection --quick                                      # smoke test, writes nothing
+    python -m bench.selection --sections grow,multi --n 120                # some sections
 
 Sections:
-  quality   GrabCut on held-out demo scenes (tools/scenes.py, exact object masks): IoU after one click (the
+  quality   GrabCut on held-out demo scenes (blended_dev/scenes.py, exact object masks): IoU after one click (the
             object's innermost pixel), after a box (its bounding box plus 1 px), and clicks to reach 0.9 IoU
             (the standard NoC@90 protocol: each next click at the innermost pixel of the largest error,
             positive on a miss, negative on a false hit; at most 20), at the scenes' 64 px and enlarged to 256 px
@@ -15,7 +15,7 @@ Sections:
   sam       Segment Anything ViT-B's shapes (transformers' SamConfig defaults) with RANDOM weights: CPU time of
             one image embedding (1024 px) and of one click (prompt encoder + mask decoder on the cached
             embedding). Real weights cannot be downloaded here, so SAM's IoU is not measured.
-  grow      demo-model edits on held-out cases whose masks are tight (tools/scenes.make_edit_case): mask_grow
+  grow      demo-model edits on held-out cases whose masks are tight (blended_dev/scenes.make_edit_case): mask_grow
             0 / 4 / 8 / 16 px; top-1 judged on the asked mask (with the judge's 2 px grace, and strict), seam
             on the 8 px band outside the asked mask, PSNR outside the asked mask plus 16 px
   multi     the same cases: one mask vs the one-click multi-mask ranking (the mask grown by 0, 10, 20 % of
@@ -26,24 +26,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 
 import numpy as np
 import torch
 from PIL import Image
 
-from common import ROOT, table, write_doc
-
-sys.path.insert(0, str(ROOT / "tools"))
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT))
-import scenes  # noqa: E402
-from ablation import band_seam, paired  # noqa: E402
-from analyse import analyse_region  # noqa: E402
-from quality import psnr_outside  # noqa: E402
-
-from blended.select import GrabCutSegmenter, Selection, drop_specks, fill_holes, grow, snap  # noqa: E402
+from blended.select import GrabCutSegmenter, Selection, drop_specks, fill_holes, grow, snap
+from blended_dev import ROOT, scenes
+from blended_dev.analyse import analyse_region
+from blended_dev.bench import table, write_doc
+from blended_dev.edits import band_seam, paired, psnr_outside
 
 SCENES_BASE = scenes.HELDOUT_SEED_START + 910_000  # apart from the seeds GrabCut's click disk was picked on (+900k)
 EDITS_BASE = scenes.HELDOUT_SEED_START + 920_000  # held-out edits no other bench uses
@@ -249,7 +242,7 @@ def main() -> None:
     if args.quick:
         args.n, args.scenes, args.repeat = 3, 3, 1
     sections = args.sections.split(",")
-    parts = [f"Command: `python bench/selection.py --sections {args.sections} --n {args.n} --scenes {args.scenes} "
+    parts = [f"Command: `python -m bench.selection --sections {args.sections} --n {args.n} --scenes {args.scenes} "
              f"--repeat {args.repeat}" + (f" --threads {args.threads}" if args.threads else "") + "`; "
              f"torch threads {torch.get_num_threads()}; the CPU is shared with other jobs, so timings are noisy."]
     if "quality" in sections:

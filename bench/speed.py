@@ -3,8 +3,8 @@
 Same UNet (4-channel), VAE, text encoder, steps, strength (= 1 - blend_start), batch and seeds; runs
 alternate in one process. Prints tables and writes docs/bench/speed.md.
 
-    python bench/speed.py            # full: ~10 min on 2 CPU cores
-    python bench/speed.py --quick    # smoke test: tiny widths, seconds
+    python -m bench.speed            # full: ~10 min on 2 CPU cores
+    python -m bench.speed --quick    # smoke test: tiny widths, seconds
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import time
 
 import torch
 
-from common import ROOT, CallCounter, PeakRSS, centre_mask, params, plot, scene, sd_components, table, write_doc
+from blended_dev import ROOT
+from blended_dev.bench import CallCounter, PeakRSS, centre_mask, params, plot, scene, table, write_doc
+from blended_dev.tiny import sd_components
 
 
 def make_editor(components: dict):
@@ -145,7 +147,7 @@ def main() -> None:
         plot(out / "speed_resolution.png", {"blended": by_size}, "native size (px)", "seconds per edit",
              f"Edit time vs resolution ({n} candidates)")
 
-    command = " ".join(["python bench/speed.py", *sys.argv[1:]])
+    command = " ".join(["python -m bench.speed", *sys.argv[1:]])
     text = (f"# Speed: blended vs diffusers inpainting\n\nCommand: `{command}`\n\n"
             f"{head}\n\n{t1}\n\n**Ratio blended / diffusers: {ratio:.3f}** (target <= 1.02)\n\n"
             f"Time per stage of our edit:\n\n{t2}\n\n**Decoder fine-tuning / generation (encode + denoise + decode): "

@@ -144,20 +144,16 @@ def _progress(quiet: bool):
 
 
 def run_edit(args: argparse.Namespace) -> int:
-    from .images import load_image, load_mask
+    from .images import load_image
+    from .masks import EditMasks
 
     overrides = _overrides(args)
-    # check what the user gave before spending time on the model
-    try:
-        EditConfig().replace(**overrides).validate()
-    except ValueError as e:
-        raise InputError(str(e)) from None
+    # check what the user gave before spending time on the model: the image and the mask are read here, once
+    EditConfig().replace(**overrides).checked()
     source = load_image(args.image)
-    masks = _masks(args, source)  # [(label, mask)]: one, or several with --multi-mask
-    for _, mask in masks:
-        load_mask(mask, source.size, invert=overrides.get("invert_mask", False),
-                  threshold=0.0 if overrides.get("soft_mask") else overrides.get("mask_threshold",
-                                                                                  EditConfig.mask_threshold))
+    values = _masks(args, source)  # [(label, (H, W) mask values)]: one, or several with --multi-mask
+    for _, v in values:
+        EditMasks.from_values(v, EditConfig().replace(**overrides))  # an empty mask is refused before the load
     if not args.prompt.strip():
         raise InputError("the prompt is empty: describe what should appear inside the mask")
     out = Path(args.out)
@@ -166,21 +162,20 @@ def run_edit(args: argparse.Namespace) -> int:
 
     editor = _load_editor(args)
     config = editor.defaults.replace(**overrides)
+    masks = [(label, EditMasks.from_values(v, config)) for label, v in values]  # the model's settings, no new read
     if len(masks) > 1:
         from .multimask import edit_masks
 
         result = edit_masks(editor, source, masks, args.prompt, config, progress=_progress(args.quiet))
     else:
-        result = editor.edit(args.image, masks[0][1], args.prompt, config, progress=_progress(args.quiet))
-    out.mkdir(parents=True, exist_ok=True)
+        result = editor.edit(source, masks[0][1], args.prompt, config, progress=_progress(args.quiet))
+    result.save(out)
     if args.mask is None:  # the selected mask(s), to reuse with --mask
-        for i, (_, mask) in enumerate(masks):
-            mask.save(out / ("mask.png" if len(masks) == 1 else f"mask{i + 1}.png"))
-    for i, cand in enumerate(result.candidates, 1):
-        cand.image.save(out / f"{i:02d}.png")
-    info = result.to_json()
-    info["files"] = [f"{i:02d}.png" for i in range(1, len(result.candidates) + 1)]
-    (out / "result.json").write_text(json.dumps(info, indent=2))
+        from PIL import Image
+
+        for i, (_, v) in enumerate(values):
+            name = "mask.png" if len(values) == 1 else f"mask{i + 1}.png"
+            Image.fromarray((v > 0).astype("uint8") * 255, "L").save(out / name)
     for note in result.notes:
         sys.stderr.write(f"note: {note}\n")
     if not args.quiet:
@@ -189,26 +184,28 @@ def run_edit(args: argparse.Namespace) -> int:
 
 
 def _masks(args: argparse.Namespace, source) -> list:
-    """[(label, mask)] from --mask or from --select / --unselect / --select-box (a segmenter), several with
-    --multi-mask; a selected mask is an 'L' image (255 = edit)."""
+    """[(label, (H, W) float32 mask values in [0, 1])] from --mask (read once) or from --select / --unselect /
+    --select-box (a segmenter), several with --multi-mask."""
     import numpy as np
-    from PIL import Image
 
-    from .images import load_mask
+    from .images import load_mask_values
     from .multimask import mask_variants
 
     selecting = args.select is not None or args.select_box is not None or args.unselect is not None
     if args.mask is not None and selecting:
         raise InputError("give either --mask or a selection (--select, --unselect, --select-box), not both")
     if args.mask is not None:
+        values = load_mask_values(args.mask, source.size)
         if not args.multi_mask:
-            return [("", args.mask)]
-        found = mask_variants(load_mask(args.mask, source.size))
+            return [("", values)]
+        if not (values > EditConfig.mask_threshold).any():
+            raise InputError("the mask is empty: paint the region to edit (white or opaque = edit)")
+        found = mask_variants(values > EditConfig.mask_threshold)
     elif not selecting:
         raise InputError("give the region to edit: --mask MASK, or --select X,Y (clicks) or --select-box L,T,R,B")
     else:
         found = _selected(args, source)
-    return [(label, Image.fromarray(np.asarray(m, bool).astype(np.uint8) * 255, "L")) for label, m in found]
+    return [(label, np.asarray(m, bool).astype(np.float32)) for label, m in found]
 
 
 def _selected(args: argparse.Namespace, source) -> list:

@@ -134,36 +134,6 @@ def _job_loras(value: Any, base: Path, where: str) -> tuple:
     return tuple(specs)
 
 
-def coerce_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """JSON values -> EditConfig field types; InputError naming the setting whose value has the wrong type."""
-    out = {}
-    for name, value in settings.items():
-        default = SETTINGS[name].default
-        if isinstance(default, bool):
-            ok = isinstance(value, bool)
-            want = "true or false"
-        elif isinstance(default, int):
-            ok = isinstance(value, int) and not isinstance(value, bool)
-            want = "an integer"
-        elif isinstance(default, float):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            value = float(value) if ok else value  # 5 and 5.0 are one setting (and one hash)
-            want = "a number"
-        elif isinstance(default, str):
-            ok = isinstance(value, str)
-            want = "a string"
-        elif isinstance(default, tuple):  # shrink_kernels
-            ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-            value = tuple(value) if ok else value
-            want = "a list of integers"
-        else:  # a kind of setting this does not know: EditConfig.validate judges it
-            ok, want = True, ""
-        if not ok:
-            raise InputError(f"setting {name} must be {want}, got {json.dumps(value)}")
-        out[name] = value
-    return out
-
-
 # -- one job ------------------------------------------------------------------------------------------
 
 
@@ -237,21 +207,10 @@ def run_job(editor: Any, job: Job, config: EditConfig, digest: str, out: Path) -
     except Exception as e:  # one odd job must not end a batch of hundreds: record it, go on
         return _row(job, "error", f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
                     None, time.perf_counter() - t0)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "result.json").unlink(missing_ok=True)  # the marker goes last: a half-written job is redone
-    files = [f"{i:02d}.png" for i in range(1, len(result.candidates) + 1)]
-    for name, cand in zip(files, result.candidates):
-        cand.image.save(folder / name)
-    for stale in folder.glob("[0-9][0-9].png"):  # a previous run with more candidates
-        if stale.name not in files:
-            stale.unlink()
     seconds = time.perf_counter() - t0
-    info = result.to_json()
-    info["files"] = files
-    info["job"] = {"id": job.id, "line": job.line, "image": str(job.image), "mask": str(job.mask),
-                   "prompt": job.prompt, "settings": job.settings, "seconds": round(seconds, 3)}
-    info["settings_hash"] = digest
-    _write_atomic(folder / "result.json", json.dumps(info, indent=2, default=list))
+    result.save(folder, extra={"job": {"id": job.id, "line": job.line, "image": str(job.image), "mask": str(job.mask),
+                                       "prompt": job.prompt, "settings": job.settings, "seconds": round(seconds, 3)},
+                               "settings_hash": digest})
     message = "; ".join(result.notes)
     return _row(job, "ok", message, result.candidates[0].score if result.candidates else None, seconds)
 
@@ -282,11 +241,7 @@ def plan(jobs: list[Job], base: EditConfig, model: Any, out: Path, force: bool) 
     pending, rows, digests = [], {}, {}
     for job in jobs:
         try:
-            config = base.replace(**coerce_settings(job.settings))
-            try:
-                config.validate()
-            except (ValueError, TypeError) as e:
-                raise InputError(str(e)) from None
+            config = EditConfig.from_json(job.settings, base)
             key = model if isinstance(model, str) else _job_model_key(model, job, digests)
             digest = settings_hash(job, config, key, digests)
         except InputError as e:
@@ -330,10 +285,7 @@ def run_batch(manifest: str | Path, out: str | Path, *, overrides: dict[str, Any
     out = Path(out)
     try:
         jobs = read_manifest(manifest)
-        try:
-            EditConfig().replace(**overrides).validate()
-        except (ValueError, TypeError) as e:
-            raise InputError(str(e)) from None
+        EditConfig().replace(**overrides).checked()
         if out.exists() and not out.is_dir():
             raise InputError(f"--out {out} exists and is not a folder")
         if threads is not None and threads < 1:
@@ -369,10 +321,25 @@ def run_batch(manifest: str | Path, out: str | Path, *, overrides: dict[str, Any
         planned = broadcast_object_list([planned])[0]
     pending, rows = planned
 
+    mine = _run_share(state, pending, editor, load_editor, device, out, quiet)
+    done = gather_object(mine) if state.num_processes > 1 else mine
+    for row in done:
+        rows[row["id"]] = row
+    ordered = [rows[job.id] for job in jobs]
+    failed = sum(r["status"] == "error" for r in ordered)
+    if state.is_main_process:
+        _summarise(ordered, mine, out, say, t0)
+    state.wait_for_everyone()
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _run_share(state: Any, pending: list[tuple], editor: Any, load_editor: Callable, device: Optional[str], out: Path,
+               quiet: bool) -> list[dict]:
+    """This process's share of the pending jobs, with a progress bar on the main process; its summary rows."""
+    from tqdm.auto import tqdm
+
     mine: list[dict] = []
     with state.split_between_processes(pending) as share:
-        from tqdm.auto import tqdm
-
         desc = "jobs" if state.num_processes == 1 else f"jobs (process 0 of {state.num_processes})"
         bar = tqdm(share, desc=desc, unit="job", disable=quiet or not state.is_main_process, file=sys.stderr,
                    dynamic_ncols=True)
@@ -392,21 +359,20 @@ def run_batch(manifest: str | Path, out: str | Path, *, overrides: dict[str, Any
                 bar.write(f"job {job.id} (line {job.line}): {row['message']}", file=sys.stderr)
             mine.append(row)
         bar.close()
-    done = gather_object(mine) if state.num_processes > 1 else mine
-    for row in done:
-        rows[row["id"]] = row
-    ordered = [rows[job.id] for job in jobs]
+    return mine
+
+
+def _summarise(ordered: list[dict], mine: list[dict], out: Path, say: Callable[[str], Any], t0: float) -> None:
+    """Write DIR/summary.jsonl and say what happened (with the other processes' errors, which their bars did not
+    print)."""
     failed = sum(r["status"] == "error" for r in ordered)
-    if state.is_main_process:
-        _write_atomic(out / SUMMARY, "".join(json.dumps(r) + "\n" for r in ordered))
-        if failed:  # with the other processes' errors, which their bars did not print
-            for r in ordered:
-                if r["status"] == "error" and r["id"] not in {m["id"] for m in mine}:
-                    say(f"job {r['id']} (line {r['line']}): {r['message']}\n")
-        counts = {s: sum(r["status"] == s for r in ordered) for s in ("ok", "skipped", "error")}
-        say(f"{len(ordered)} jobs: {counts['ok']} ok, {counts['skipped']} skipped, {counts['error']} failed "
-            f"in {time.perf_counter() - t0:.1f} s; summary in {out / SUMMARY}\n")
-        if failed:
-            sys.stderr.write(f"error: {failed} of {len(ordered)} jobs failed (see {out / SUMMARY})\n")
-    state.wait_for_everyone()
-    return EXIT_FAILED if failed else EXIT_OK
+    _write_atomic(out / SUMMARY, "".join(json.dumps(r) + "\n" for r in ordered))
+    if failed:
+        for r in ordered:
+            if r["status"] == "error" and r["id"] not in {m["id"] for m in mine}:
+                say(f"job {r['id']} (line {r['line']}): {r['message']}\n")
+    counts = {s: sum(r["status"] == s for r in ordered) for s in ("ok", "skipped", "error")}
+    say(f"{len(ordered)} jobs: {counts['ok']} ok, {counts['skipped']} skipped, {counts['error']} failed "
+        f"in {time.perf_counter() - t0:.1f} s; summary in {out / SUMMARY}\n")
+    if failed:
+        sys.stderr.write(f"error: {failed} of {len(ordered)} jobs failed (see {out / SUMMARY})\n")

@@ -1,4 +1,8 @@
-"""Editor.edit(): prepare -> encode -> blend loop -> decode -> reconstruct background -> rank."""
+"""Editor.edit(): check_inputs, then numbered stages: 1. inputs at work size, 2. encode, 3. latent masks,
+4. the blending loop, 5. decode, 6. background reconstruction, 7. the full-resolution composite, 8. rank.
+
+Each stage is a short method over one `_Run` (the per-call state: settings, progress, timings, notes), so one
+loaded Editor serves many edits at once and nothing about an edit lives on `self`."""
 
 from __future__ import annotations
 
@@ -16,70 +20,26 @@ from PIL import Image
 from .config import EditConfig
 from .errors import InputError, ModelLoadError, OutOfMemory
 from .fewstep import recommended_for_lora, recommended_for_model
-from .images import (DEFAULT_MAX_PIXELS, ImageLike, Region, composite, crop_to_work, load_image, load_mask,
-                     load_mask_values, paste_back, plan_region, seam_weights)
-from .masks import crop_strength, latent_strength, mask_schedule, strength_map
+from .images import DEFAULT_MAX_PIXELS, ImageLike, Region, composite, crop_to_work, load_image, paste_back, plan_region
+from .masks import EditMasks, WorkMasks, latent_strength, mask_schedule
 from .models import DEFAULT_MODEL, LoadedModel, load_model
+from .result import Candidate, EditResult
 from .sampler import blend_loop
 from .schedulers import schedule, step_kwargs
-from .unet_call import conditions, inpaint_conditioning, make_denoise
+from .unet_call import Conditioning, conditions, inpaint_conditioning, make_denoise
+
+__all__ = ["Candidate", "EditResult", "Editor", "Preview", "Progress", "is_out_of_memory"]
 
 Preview = Callable[[int, int, list[Image.Image]], None]  # (done steps, total steps, preview images)
 Progress = Callable[[str, int, int], None]  # (stage, done, total); stages: encoding, denoising, decoding, reconstructing, ranking
+ShouldStop = Optional[Callable[[], bool]]
 
 
-@dataclass
-class Candidate:
-    """One edited image at the source's full resolution."""
-
-    image: Image.Image
-    seed: int
-    scores: dict[str, float] = field(default_factory=dict)  # ranking scores; "score" orders the gallery
-    filtered: bool = False  # the checkpoint's safety checker flagged it (its edit is blanked grey)
-    mask: str = ""  # which of several masks made it (`blended.multimask`); "" = the edit's one mask
-
-    @property
-    def score(self) -> Optional[float]:
-        return self.scores.get("score")
-
-
-@dataclass
-class EditResult:
-    """Candidates best first, with what produced them."""
-
-    candidates: list[Candidate]
-    prompt: str
-    config: EditConfig
-    model: str
-    timings: dict[str, float]  # seconds per stage
-    region: Region  # what was edited, at which size
-    notes: list[str] = field(default_factory=list)  # things the user should know (prompt cut, ...)
-    model_info: dict = field(default_factory=dict)  # LoadedModel.describe(): VAE, LoRAs with weights and digests
-
-    @property
-    def images(self) -> list[Image.Image]:
-        return [c.image for c in self.candidates]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "prompt": self.prompt,
-            "model": self.model,
-            "vae": self.model_info.get("vae"),
-            "loras": self.model_info.get("loras", []),
-            "recommended": self.model_info.get("recommended", {}),  # the model's (and its LoRAs') own defaults
-            "candidates": [{"rank": i + 1, "seed": c.seed, "scores": c.scores, "filtered": c.filtered,
-                            **({"mask": c.mask} if c.mask else {})} for i, c in enumerate(self.candidates)],
-            "settings": self.config.to_dict(),
-            "region": {"box": list(self.region.box), "work_size": list(self.region.work_size)},
-            "timings": {k: round(v, 4) for k, v in self.timings.items()},
-            "notes": self.notes,
-        }
-
-
-def _is_oom(e: BaseException) -> bool:
-    """True for an out-of-memory error of any device (CUDA's own type; CPU and MPS raise RuntimeError)."""
-    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e) \
-        or "out of memory" in str(e).lower()
+def is_out_of_memory(e: BaseException) -> bool:
+    """True for an out-of-memory error of any device (CUDA's own type; CPU and MPS raise RuntimeError). The one
+    test of it: callers of the engine catch `blended.errors.OutOfMemory`, which `Editor.edit` raises."""
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and (
+        "can't allocate memory" in str(e) or "out of memory" in str(e).lower()))
 
 
 def _release_memory() -> None:
@@ -99,6 +59,36 @@ def _to_pil(x: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> PIL images."""
     a = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(im) for im in a]
+
+
+@dataclass
+class _Run:
+    """The state of one edit call: what it was asked, its progress and timings (never on the Editor)."""
+
+    cfg: EditConfig
+    prompt: str
+    source: Image.Image  # the upload, full resolution
+    masks: EditMasks
+    report: Progress
+    should_stop: ShouldStop
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    clock: float = field(default_factory=time.perf_counter)
+    # set by the stages
+    region: Optional[Region] = None
+    image: Optional[Image.Image] = None  # the region at work size
+    work: Optional[WorkMasks] = None
+    x_source: Optional[torch.Tensor] = None  # (1, 3, h, w) in [-1, 1]
+    flagged: list[bool] = field(default_factory=list)  # per candidate: the safety checker flagged it
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - self.clock
+        self.clock = now
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.cfg.seed + i for i in range(self.cfg.num_candidates)]
 
 
 class Editor:
@@ -139,20 +129,238 @@ class Editor:
         known = {f.name for f in dataclasses.fields(EditConfig)}
         return EditConfig().replace(**{k: v for k, v in self.recommended.items() if k in known})
 
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> (B, 3, H, W) images in [-1, 1] (`LoadedModel.decode`)."""
+        return self.model.decode(latents)
+
+    def read_masks(self, mask: ImageLike | EditMasks, size: tuple[int, int], config: EditConfig) -> EditMasks:
+        """`mask` read once and prepared for an edit of an image of `size` with `config` (`EditMasks.read`)."""
+        return EditMasks.read(mask, size, config, max_pixels=self.max_pixels)
+
+    def check_inputs(self, image: ImageLike, mask: ImageLike | EditMasks, prompt: str,
+                     cfg: EditConfig) -> tuple[Image.Image, EditMasks, str]:
+        """Settings, prompt, image and mask checked and read, each once: (source, masks, prompt); InputError
+        naming the first thing wrong."""
+        cfg.checked()
+        train_steps = int(getattr(self.model.pipe.scheduler.config, "num_train_timesteps", 1000))
+        if cfg.num_inference_steps >= train_steps:
+            raise InputError(f"num_inference_steps must be below the model's {train_steps} training timesteps")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError("the prompt is empty: describe what should appear inside the mask")
+        source = load_image(image, max_pixels=self.max_pixels)
+        return source, self.read_masks(mask, source.size, cfg), prompt.strip()
+
+    # -- the edit --------------------------------------------------------------------------------
+
+    def edit(self, image: ImageLike, mask: ImageLike | EditMasks, prompt: str, config: Optional[EditConfig] = None,
+             *, progress: Optional[Progress] = None, should_stop: ShouldStop = None,
+             preview: Optional[Preview] = None, preview_every: int = 1, **overrides: Any) -> EditResult:
+        """Edit `image` inside `mask` to show `prompt`; everything outside the mask is kept.
+
+        Args:
+            image: the source, any size and aspect ratio (path, bytes, PIL image or array).
+            mask: same size as `image`; white or opaque pixels (above `config.mask_threshold`) are
+                edited, black or transparent ones kept (`invert_mask` swaps them). Or an `EditMasks` read
+                for this image with the edit's mask settings (`Editor.read_masks`).
+            prompt: what should appear inside the mask.
+            config: the settings; default `self.defaults`. `overrides` replace single fields.
+            progress: called with (stage, done, total) as the edit advances.
+            should_stop: polled before every denoising step; returning True raises `EditCancelled`.
+            preview: called every `preview_every` denoising steps with (done, total, images): small RGB
+                previews of the current batch of candidates (the model's x0 estimate through a linear
+                latent -> RGB map, the source outside the mask; `blended.preview`). None = no previews.
+
+        Returns:
+            An `EditResult` whose candidates are full-resolution images, best first when ranked.
+
+        Raises:
+            InputError: bad image, mask, prompt or setting (the message says which).
+            EditCancelled: `should_stop` returned True.
+            OutOfMemory: the device ran out of memory (the model stays usable).
+        """
+        cfg = (config or self.defaults).replace(**overrides)
+        source, masks, prompt = self.check_inputs(image, mask, prompt, cfg)
+        run = _Run(cfg, prompt, source, masks, progress or (lambda stage, done, total: None), should_stop)
+        try:
+            return self._edit(run, preview, max(1, int(preview_every)))
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
+                raise
+            _release_memory()
+            raise OutOfMemory("out of memory during the edit: use fewer candidates, a smaller batch size "
+                              "or a smaller image") from None
+
+    @torch.no_grad()
+    def _edit(self, run: _Run, preview: Optional[Preview], preview_every: int) -> EditResult:
+        self._inputs(run)  # 1.
+        z_init, cond = self._encode(run)  # 2.
+        timesteps, masks, cond = self._latent_masks(run, cond)  # 3.
+        latents, decoded, stats = self._denoise(run, z_init, cond, masks, timesteps, preview, preview_every)  # 4-5.
+        decoded = self._background(run, latents, decoded, stats)  # 6.
+        candidates = self._composite(run, decoded)  # 7.
+        if run.cfg.rank and self.ranker is not None and len(candidates) > 1:  # 8.
+            run.report("ranking", 0, 1)
+            self.rank(candidates, run.masks.target, run.prompt, run.notes)
+            run.lap("rank")
+        candidates.sort(key=lambda c: c.filtered)  # stable: flagged candidates go last, the order stays
+        run.timings["total"] = sum(run.timings.values())
+        run.report("done", 1, 1)
+        return EditResult(candidates=candidates, prompt=run.prompt, config=run.cfg, model=self.model.name,
+                          timings=run.timings, region=run.region, notes=run.notes,
+                          model_info={**self.model.describe(), "recommended": dict(self.recommended)})
+
     # -- stages ----------------------------------------------------------------------------------
 
-    def _vae_encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(1, 3, H, W) in [-1, 1] -> scaled latents; the distribution's mean, so encoding is deterministic."""
-        vae = self.model.pipe.vae
-        z = vae.encode(x.to(self.model.device, vae.dtype)).latent_dist.mean
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((z - shift) * vae.config.scaling_factor).to(self.model.dtype)
+    def _inputs(self, run: _Run) -> None:
+        """1. The region to edit at work size: the source and the masks cropped and resized to it."""
+        m, cfg = self.model, run.cfg
+        run.report("encoding", 0, 1)
+        support = run.masks.support
+        run.region = plan_region(run.source.size, support, native=m.native_size, multiple=m.size_multiple,
+                                 margin=max(cfg.crop_margin, cfg.feather + 1), resolution=cfg.resolution)
+        run.image, _ = crop_to_work(run.source, support, run.region)
+        run.work = run.masks.at_work(run.region)
+        run.notes += self._prompt_notes(run.prompt)
+        run.lap("prepare")
 
-    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> (B, 3, H, W) images in [-1, 1]."""
-        vae = self.model.pipe.vae
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample.float()
+    def _encode(self, run: _Run) -> tuple[torch.Tensor, Conditioning]:
+        """2. z_init, the source's latents (1, C, h/f, w/f), and the text conditions."""
+        m, cfg = self.model, run.cfg
+        run.x_source = _to_tensor(run.image).to(m.device)  # (1, 3, H, W)
+        z_init = m.encode(run.x_source)
+        cond = conditions(m, run.prompt, cfg.negative_prompt, cfg.guidance_scale, run.region.work_size)
+        run.lap("encode")
+        return z_init, cond
+
+    def _latent_masks(self, run: _Run, cond: Conditioning) -> tuple[Any, list[torch.Tensor], Conditioning]:
+        """3. The timesteps after `blend_start` and one latent mask per step (soft thresholds, shrinking, the
+        core); a 9-channel UNet's conditioning gets the mask and the masked source."""
+        m, cfg, work = self.model, run.cfg, run.work
+        timesteps = schedule(m.pipe, cfg.scheduler, cfg.num_inference_steps, cfg.blend_start)[2]
+        z_mask = latent_strength(work.strength, m.vae_scale_factor, cfg.latent_mask_mode)  # (1, 1, h, w)
+        if not z_mask.any():  # "core" of a mask too thin to have one
+            z_mask = latent_strength(work.strength, m.vae_scale_factor, "any")
+        z_core = latent_strength(work.strength * work.target, m.vae_scale_factor, "core")  # wholly inside the target
+        masks = mask_schedule(z_mask.to(m.device, m.dtype), len(timesteps), cfg.shrink_kernels, cfg.shrink,
+                              z_core.to(m.device, m.dtype), cfg.core_steps)
+        cond = inpaint_conditioning(m, cond, m.encode, run.x_source, work.support, z_mask, cfg)
+        return timesteps, masks, cond
+
+    def _denoise(self, run: _Run, z_init: torch.Tensor, cond: Conditioning, masks: list[torch.Tensor], timesteps: Any,
+                 preview: Optional[Preview], every: int) -> tuple[torch.Tensor, torch.Tensor, Optional[dict]]:
+        """4-5. The blending loop, `batch_size` candidates at a time, each chunk decoded as it ends; the decoder's
+        GroupNorm statistics recorded during that decode when the background method needs them."""
+        from .background import DecodeStats, get_method
+
+        m, cfg = self.model, run.cfg
+        seeds = run.seeds
+        chunks = [seeds[i:i + cfg.batch_size] for i in range(0, len(seeds), cfg.batch_size)]
+        stats = DecodeStats(m.pipe.vae) if get_method(cfg.background).needs_stats else None
+        previewer = None
+        if preview is not None:  # x0 estimates -> RGB by a linear map fitted once per VAE (no decode)
+            from .preview import Previewer, latent_rgb_map
+
+            previewer = Previewer(latent_rgb_map(m.pipe.vae, m.encode, m.vae_scale_factor), run.image,
+                                  run.work.support)
+        latents_all, decoded_all = [], []
+        for c, chunk in enumerate(chunks):
+            done = c * len(timesteps)
+            show = None if previewer is None else \
+                (lambda i, x0, done=done: preview(done + i, len(timesteps) * len(chunks), previewer(x0)))
+            latents = self._loop(run, chunk, z_init, cond, masks, timesteps, done, len(chunks), show, every)
+            run.lap("denoise")
+            run.report("decoding", c, len(chunks))
+            latents_all.append(latents)
+            if stats is None:
+                decoded_all.append(m.decode(latents))
+            else:
+                with stats:
+                    decoded_all.append(m.decode(latents))
+            run.lap("decode")
+        latents = torch.cat(latents_all)
+        return latents, torch.cat(decoded_all), None if stats is None else stats.stats(latents.shape[0])
+
+    def _loop(self, run: _Run, seeds: list[int], z_init: torch.Tensor, cond: Conditioning,
+              masks: list[torch.Tensor], timesteps: Any, done: int, num_chunks: int,
+              show: Optional[Callable[[int, torch.Tensor], None]], every: int) -> torch.Tensor:
+        """4. One chunk of candidates through `blend_loop` (paper Alg. 1) with its own scheduler state and noise
+        drawn from each candidate's seed on the CPU, so a seed gives the same images on every device."""
+        from .preview import predicted_x0
+
+        m, cfg = self.model, run.cfg
+        sched, noiser, _ = schedule(m.pipe, cfg.scheduler, cfg.num_inference_steps, cfg.blend_start, m.device)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+        def draw() -> torch.Tensor:  # (B, C, h, w)
+            return torch.cat([torch.randn(z_init.shape[1:], generator=g)[None] for g in generators]).to(m.device, m.dtype)
+
+        noise = draw()
+        denoise = make_denoise(m.pipe.unet, sched, cond.repeat(len(seeds)), cfg.guidance_scale)
+        kw = step_kwargs(cfg.scheduler, generators, cfg.tcd_gamma)  # LCM, TCD, Euler-a draw noise in `step`
+        x0 = [None]  # the last step's clean-latent estimate, kept only for the preview
+
+        def step(noise_pred, t, latents):
+            if show is None:
+                return sched.step(noise_pred, t, latents, return_dict=False, **kw)[0]
+            out = sched.step(noise_pred, t, latents, **kw)
+            x0[0] = predicted_x0(out, sched, noise_pred, t, latents)
+            return out.prev_sample
+
+        def on_step(i, t, latents):
+            run.report("denoising", done + i + 1, len(timesteps) * num_chunks)
+            if show is not None and (i + 1) % every == 0 and i + 1 < len(timesteps):
+                show(i + 1, x0[0])
+
+        return blend_loop(denoise, step, noiser.add_noise, z_init, noise, masks, timesteps, start=cfg.start_from,
+                          fresh_noise=(lambda i: draw()) if cfg.background_noise == "fresh" else None,
+                          background_timestep=cfg.background_timestep, on_step=on_step, should_stop=run.should_stop)
+
+    def _background(self, run: _Run, latents: torch.Tensor, decoded: torch.Tensor,
+                    stats: Optional[dict]) -> torch.Tensor:
+        """6. The safety checker, then background reconstruction at work size (paper §4.2), leaving the final
+        stitch to the full-resolution composite (7.). A method that runs out of memory and declares a fallback
+        leaves the candidates as they are (the composite then is `stitch`) and a note says so."""
+        from .background import get_method, reconstruct
+
+        cfg, method = run.cfg, get_method(run.cfg.background)
+        run.flagged = self._safety(decoded) if cfg.safety_checker else [False] * len(run.seeds)
+        run.lap("safety")
+        pixel_mask = torch.from_numpy(run.work.support.astype(np.float32))[None, None].to(self.model.device)
+        if method.keeps_outside:
+            run.report("reconstructing", 0, 1)
+            try:
+                decoded = reconstruct(cfg.background, vae=self.model.pipe.vae, latents=latents, decoded=decoded,
+                                      source=run.x_source.float(), mask=pixel_mask, config=cfg,
+                                      composite=not cfg.exact_outside, stats=stats,
+                                      progress=lambda done, total: run.report("reconstructing", done, total),
+                                      should_stop=run.should_stop)
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if not (method.memory_fallback and is_out_of_memory(e)):
+                    raise
+                _release_memory()
+                run.notes.append(f"background '{cfg.background}' ran out of memory at "
+                                 f"{tuple(decoded.shape[-2:])[::-1]} work pixels; the edit used "
+                                 f"'{'stitch' if cfg.exact_outside else 'none'}' instead (a smaller mask or "
+                                 "`resolution` fits in less memory)")
+            run.lap("background")
+        blank = run.x_source.float() * (1 - pixel_mask)  # a filtered candidate keeps the source, its edit blanked
+        return torch.stack([blank[0] if f else d for d, f in zip(decoded, run.flagged)])
+
+    def _composite(self, run: _Run, decoded: torch.Tensor) -> list[Candidate]:
+        """7. Back to full resolution: the edit inside the mask and its seam band (`feather` source pixels, or a
+        soft mask's strengths), the upload itself, bit for bit, beyond (`none`: the decode over the region)."""
+        from .background import get_method
+
+        cfg, region = run.cfg, run.region
+        if get_method(cfg.background).keeps_outside and cfg.exact_outside:
+            weights = run.masks.composite_weights(region, cfg.feather)  # (h, w), in the upload's own pixels
+            images = [composite(run.source, im, region, weights) for im in _to_pil(decoded)]
+        else:
+            images = [paste_back(run.source, im, region, cfg.feather) for im in _to_pil(decoded)]
+        run.lap("paste")
+        return [Candidate(image=im, seed=s, filtered=f) for im, s, f in zip(images, run.seeds, run.flagged)]
+
+    # -- helpers ---------------------------------------------------------------------------------
 
     def _prompt_notes(self, prompt: str) -> list[str]:
         tok = self.model.pipe.tokenizer
@@ -171,31 +379,6 @@ class Editor:
         _, flagged = pipe.run_safety_checker(arr, self.model.device, self.model.dtype)
         return [bool(f) for f in flagged] if flagged is not None else [False] * images.shape[0]
 
-    def _reconstruct(self, cfg: EditConfig, latents: torch.Tensor, decoded: torch.Tensor, x_source: torch.Tensor,
-                     pixel_mask: torch.Tensor, exact: bool, report: Progress,
-                     should_stop: Optional[Callable[[], bool]],
-                     stats: Optional[dict[str, torch.Tensor]] = None) -> tuple[torch.Tensor, Optional[str]]:
-        """Background reconstruction at work size (`blended.background.reconstruct`), leaving the final stitch
-        to the full-resolution composite when `exact`. When `latent` or `decoder` runs out of memory the
-        candidates go on as they are (the composite then is the default `stitch`) and a note says so."""
-        from .background import reconstruct
-
-        report("reconstructing", 0, 1)
-        try:
-            out = reconstruct(cfg.background, editor=self, latents=latents, decoded=decoded, source=x_source.float(),
-                              mask=pixel_mask, config=cfg, composite=not exact, stats=stats,
-                              progress=lambda done, total: report("reconstructing", done, total),
-                              should_stop=should_stop)
-        except (torch.OutOfMemoryError, RuntimeError) as e:
-            if cfg.background not in ("latent", "decoder") or not _is_oom(e):
-                raise
-            _release_memory()
-            fallback = "stitch" if exact else "none"
-            return decoded, (f"background '{cfg.background}' ran out of memory at {tuple(decoded.shape[-2:])[::-1]} "
-                             f"work pixels; the edit used '{fallback}' instead (a smaller mask or `resolution` "
-                             "fits in less memory)")
-        return out, None
-
     def rank(self, candidates: list[Candidate], mask: np.ndarray, prompt: str, notes: list[str]) -> None:
         """Score `candidates` with the ranker on `mask` ((H, W) bool, the asked region) and sort them best first,
         in place. A ranker that cannot load leaves the seed order and adds a note (an edit beats no edit)."""
@@ -207,228 +390,3 @@ class Editor:
         for cand, scores in zip(candidates, all_scores):
             cand.scores = scores
         candidates.sort(key=lambda c: -c.scores["score"])
-
-    # -- the edit --------------------------------------------------------------------------------
-
-    def edit(self, image: ImageLike, mask: ImageLike, prompt: str, config: Optional[EditConfig] = None, *,
-             progress: Optional[Progress] = None, should_stop: Optional[Callable[[], bool]] = None,
-             preview: Optional[Preview] = None, preview_every: int = 1, **overrides: Any) -> EditResult:
-        """Edit `image` inside `mask` to show `prompt`; everything outside the mask is kept.
-
-        Args:
-            image: the source, any size and aspect ratio (path, bytes, PIL image or array).
-            mask: same size as `image`; white or opaque pixels (above `config.mask_threshold`) are
-                edited, black or transparent ones kept (`invert_mask` swaps them).
-            prompt: what should appear inside the mask.
-            config: the settings; default `self.defaults`. `overrides` replace single fields.
-            progress: called with (stage, done, total) as the edit advances.
-            should_stop: polled before every denoising step; returning True raises `EditCancelled`.
-            preview: called every `preview_every` denoising steps with (done, total, images): small RGB
-                previews of the current batch of candidates (the model's x0 estimate through a linear
-                latent -> RGB map, the source outside the mask; `blended.preview`). None = no previews.
-
-        Returns:
-            An `EditResult` whose candidates are full-resolution images, best first when ranked.
-
-        Raises:
-            InputError: bad image, mask, prompt or setting (the message says which).
-            EditCancelled: `should_stop` returned True.
-            OutOfMemory: the device ran out of memory (the model stays usable).
-        """
-        try:
-            cfg = (config or self.defaults).replace(**overrides)
-            if cfg.mask_grow:  # grown or shrunk in the upload's pixels before anything else (blended/select)
-                image, mask = self._grown(image, mask, cfg)
-            return self._edit(image, mask, prompt, config, progress, should_stop, overrides,
-                              preview=preview, preview_every=preview_every)
-        except (torch.OutOfMemoryError, RuntimeError) as e:
-            if not _is_oom(e):
-                raise
-            _release_memory()
-            raise OutOfMemory("out of memory during the edit: use fewer candidates, a smaller batch size "
-                              "or a smaller image") from None
-
-    def _grown(self, image: ImageLike, mask: ImageLike, cfg: EditConfig) -> tuple[Image.Image, Image.Image]:
-        """(source, mask) with the mask's edit side grown by `cfg.mask_grow` pixels (an 'L' image, 255 = edit)."""
-        from .select import grow_values
-
-        try:
-            cfg.validate()
-        except ValueError as e:
-            raise InputError(str(e)) from None
-        source = load_image(image, max_pixels=self.max_pixels)
-        values = load_mask_values(mask, source.size, max_pixels=self.max_pixels)
-        edit = grow_values(1 - values if cfg.invert_mask else values, cfg.mask_grow)
-        values = 1 - edit if cfg.invert_mask else edit
-        return source, Image.fromarray(np.round(np.clip(values, 0, 1) * 255).astype(np.uint8), "L")
-
-    @torch.no_grad()
-    def _edit(self, image: ImageLike, mask: ImageLike, prompt: str, config: Optional[EditConfig],
-              progress: Optional[Progress], should_stop: Optional[Callable[[], bool]],
-              overrides: dict[str, Any], *, preview: Optional[Preview] = None,
-              preview_every: int = 1) -> EditResult:
-        cfg = (config or self.defaults).replace(**overrides) if overrides else (config or self.defaults)
-        try:
-            cfg.validate()
-        except ValueError as e:
-            raise InputError(str(e)) from None
-        train_steps = int(getattr(self.model.pipe.scheduler.config, "num_train_timesteps", 1000))
-        if cfg.num_inference_steps >= train_steps:
-            raise InputError(f"num_inference_steps must be below the model's {train_steps} training timesteps")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError("the prompt is empty: describe what should appear inside the mask")
-        prompt = prompt.strip()
-        report = progress or (lambda stage, done, total: None)
-        m, pipe = self.model, self.model.pipe
-        timings: dict[str, float] = {}
-        clock = time.perf_counter()
-
-        def lap(stage: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            timings[stage] = timings.get(stage, 0.0) + now - clock
-            clock = now
-
-        # 1. inputs: full-resolution source and mask, the region to edit at work size
-        report("encoding", 0, 1)
-        source = load_image(image, max_pixels=self.max_pixels)
-        # the mask asked for (`target`: ranking scores it, the loop's core forms content inside it) and, with
-        # `mask_blur` or `soft_mask`, per-pixel strengths whose support is everything the edit may touch
-        strength = None  # (H, W) strengths in [0, 1] at full resolution: the final composite's weights
-        if cfg.soft_mask:
-            values = load_mask_values(mask, source.size, max_pixels=self.max_pixels)
-            strength = strength_map(1 - values if cfg.invert_mask else values, cfg.mask_blur)
-            if not strength.any():
-                raise InputError("the mask is empty: paint the region to edit (white or opaque = edit)")
-            target = strength >= 0.5
-            if not target.any():  # a faint mask: all of it is the target
-                target = strength > 0
-        else:
-            target = load_mask(mask, source.size, threshold=cfg.mask_threshold, invert=cfg.invert_mask,
-                               max_pixels=self.max_pixels)
-            if cfg.mask_blur > 0:
-                strength = strength_map(target, cfg.mask_blur)
-        full_mask = target if strength is None else strength > 0
-        region = plan_region(source.size, full_mask, native=m.native_size, multiple=m.size_multiple,
-                             margin=max(cfg.crop_margin, cfg.feather + 1), resolution=cfg.resolution)
-        work_image, work_mask = crop_to_work(source, full_mask, region)  # work_mask: the support
-        work_target = work_mask if strength is None else crop_strength(target.astype(np.float32), region.box,
-                                                                        region.work_size) > 0
-        # the loop's strengths: per pixel with `soft_mask` (Differential Diffusion); else the target, hard
-        # (`mask_blur` alone softens only the final composite: docs/benchmarks.md, "Soft masks")
-        work_strength = crop_strength(strength, region.box, region.work_size) if cfg.soft_mask else work_target
-        notes = self._prompt_notes(prompt)
-        lap("prepare")
-
-        # 2. encode: z_init and the text conditions
-        x_source = _to_tensor(work_image).to(m.device)  # (1, 3, H, W)
-        z_init = self._vae_encode(x_source)  # (1, C, H/f, W/f)
-        cond = conditions(m, prompt, cfg.negative_prompt, cfg.guidance_scale, region.work_size)
-        lap("encode")
-
-        # 3. latent masks: edit strength per latent, then one mask per step (soft thresholds, shrinking, core)
-        timesteps = schedule(pipe, cfg.scheduler, cfg.num_inference_steps, cfg.blend_start)[2]
-        z_mask = latent_strength(work_strength, m.vae_scale_factor, cfg.latent_mask_mode)  # (1, 1, h, w)
-        if not z_mask.any():  # "core" of a mask too thin to have one
-            z_mask = latent_strength(work_strength, m.vae_scale_factor, "any")
-        z_core = latent_strength(work_strength * work_target, m.vae_scale_factor, "core")  # latents wholly inside the target
-        masks = mask_schedule(z_mask.to(m.device, m.dtype), len(timesteps), cfg.shrink_kernels, cfg.shrink,
-                              z_core.to(m.device, m.dtype), cfg.core_steps)
-        cond = inpaint_conditioning(m, cond, self._vae_encode, x_source, work_mask, z_mask, cfg)  # 9-channel UNets
-        seeds = [cfg.seed + i for i in range(cfg.num_candidates)]
-        chunks = [seeds[i:i + cfg.batch_size] for i in range(0, len(seeds), cfg.batch_size)]
-        total_steps = len(timesteps) * len(chunks)
-
-        # 4. the blending loop, chunk by chunk; each chunk has its own scheduler state
-        latents_all, decoded_all = [], []
-        # `latent`/`decoder` pin the decoder's GroupNorm statistics to the whole image's: recorded during this
-        # decode instead of by one more decode of every candidate (background.DecodeStats)
-        from .background import DecodeStats
-
-        decode_stats = DecodeStats(pipe.vae) if cfg.background in ("latent", "decoder") else None
-        previewer = None
-        if preview is not None:  # x0 estimates -> RGB by a linear map fitted once per VAE (no decode)
-            from .preview import Previewer, latent_rgb_map, predicted_x0
-
-            previewer = Previewer(latent_rgb_map(pipe.vae, self._vae_encode, m.vae_scale_factor), work_image,
-                                  work_mask)
-            every = max(1, int(preview_every))
-        for c, chunk in enumerate(chunks):
-            sched, noiser, _ = schedule(pipe, cfg.scheduler, cfg.num_inference_steps, cfg.blend_start, m.device)
-            generators = [torch.Generator("cpu").manual_seed(s) for s in chunk]
-
-            def draw(generators=generators) -> torch.Tensor:  # (B, C, h, w), on the CPU: a seed gives the same noise on every device
-                return torch.cat([torch.randn(z_init.shape[1:], generator=g)[None] for g in generators]).to(m.device, m.dtype)
-
-            noise = draw()
-            fresh_noise = (lambda i, draw=draw: draw()) if cfg.background_noise == "fresh" else None
-            denoise = make_denoise(pipe.unet, sched, cond.repeat(len(chunk)), cfg.guidance_scale)
-
-            x0 = [None]  # the last step's clean-latent estimate, kept only for the preview
-            kw = step_kwargs(cfg.scheduler, generators, cfg.tcd_gamma)  # LCM, TCD, Euler-a draw noise in `step`: from the seeds
-
-            def step(noise_pred, t, latents, sched=sched, x0=x0, kw=kw):
-                if previewer is None:
-                    return sched.step(noise_pred, t, latents, return_dict=False, **kw)[0]
-                out = sched.step(noise_pred, t, latents, **kw)
-                x0[0] = predicted_x0(out, sched, noise_pred, t, latents)
-                return out.prev_sample
-
-            def on_step(i, t, latents, c=c, x0=x0):
-                report("denoising", c * len(timesteps) + i + 1, total_steps)
-                if previewer is not None and (i + 1) % every == 0 and i + 1 < len(timesteps):
-                    preview(c * len(timesteps) + i + 1, total_steps, previewer(x0[0]))
-
-            latents = blend_loop(denoise, step, noiser.add_noise, z_init, noise, masks, timesteps,
-                                 start=cfg.start_from, fresh_noise=fresh_noise,
-                                 background_timestep=cfg.background_timestep,
-                                 on_step=on_step, should_stop=should_stop)
-            lap("denoise")
-            report("decoding", c, len(chunks))
-            latents_all.append(latents)
-            if decode_stats is None:
-                decoded_all.append(self.vae_decode(latents))
-            else:
-                with decode_stats:
-                    decoded_all.append(self.vae_decode(latents))
-            lap("decode")
-        latents = torch.cat(latents_all)
-        decoded = torch.cat(decoded_all)  # (N, 3, H, W) in [-1, 1]
-        flagged = self._safety(decoded) if cfg.safety_checker else [False] * len(seeds)
-        lap("safety")
-
-        # 5. background reconstruction at work size (paper §4.2); the final stitch comes in 6, at full resolution
-        pixel_mask = torch.from_numpy(work_mask.astype(np.float32))[None, None].to(m.device)  # (1, 1, H, W)
-        exact = cfg.background != "none" and cfg.exact_outside
-        if cfg.background != "none":
-            stats = decode_stats.stats(latents.shape[0]) if decode_stats is not None else None
-            decoded, note = self._reconstruct(cfg, latents, decoded, x_source, pixel_mask, exact, report,
-                                              should_stop, stats)
-            notes += [note] if note else []
-            lap("background")
-        blank = x_source.float() * (1 - pixel_mask)  # a filtered candidate keeps the source, its edit blanked grey
-        decoded = torch.stack([blank[0] if f else d for d, f in zip(decoded, flagged)])
-
-        # 6. back to full resolution: the edit inside the mask and its seam band of `feather` source pixels,
-        #    the upload itself, bit for bit, beyond (`none`: the paper's decode over the whole region)
-        if exact:
-            l, t, r, b = region.box
-            weights = seam_weights(full_mask[t:b, l:r], cfg.feather) if strength is None else \
-                strength[t:b, l:r]  # (h, w), in the upload's own pixels; a soft mask's strengths are its own seam
-            images = [composite(source, im, region, weights) for im in _to_pil(decoded)]
-        else:
-            images = [paste_back(source, im, region, cfg.feather) for im in _to_pil(decoded)]
-        candidates = [Candidate(image=im, seed=s, filtered=f) for im, s, f in zip(images, seeds, flagged)]
-        lap("paste")
-
-        # 7. rank: best first by the ranker's combined score; filtered candidates last
-        if cfg.rank and self.ranker is not None and len(candidates) > 1:
-            report("ranking", 0, 1)
-            self.rank(candidates, target, prompt, notes)
-            lap("rank")
-        candidates.sort(key=lambda c: c.filtered)  # stable: flagged candidates go last, the order stays
-        timings["total"] = sum(timings.values())
-        report("done", 1, 1)
-        return EditResult(candidates=candidates, prompt=prompt, config=cfg, model=m.name, timings=timings,
-                          region=region, notes=notes,
-                          model_info={**m.describe(), "recommended": dict(self.recommended)})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Union
 
@@ -15,6 +16,7 @@ from .errors import InputError
 ImageLike = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 
 DEFAULT_MAX_PIXELS = 50_000_000  # larger images are refused before decoding (decompression bombs)
+_LOADED: "weakref.WeakValueDictionary[int, Image.Image]" = weakref.WeakValueDictionary()  # what load_image made
 MIN_SIDE = 8  # smaller images cannot be edited meaningfully
 MAX_ASPECT = 8.0  # longest side over shortest side of the region that is edited
 
@@ -77,7 +79,14 @@ def load_image(src: ImageLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
     """Read an image as 8-bit RGB: EXIF orientation applied, transparency composited on white.
 
     Accepts a path, bytes, a PIL image or a uint8 array of any mode (RGBA, LA, P, L, CMYK, 16-bit, ...).
+    An image this function returned is returned as it is (after the size limit): a source is read once per
+    edit however many stages (CLI, multi-mask, editor) take it.
     """
+    if isinstance(src, Image.Image) and _LOADED.get(id(src)) is src:
+        w, h = src.size
+        if w * h > max_pixels:
+            raise InputError(f"the image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
+        return src
     img = _open(src, "image", max_pixels)
     img = ImageOps.exif_transpose(img)
     img = _to_8bit(img)
@@ -89,6 +98,7 @@ def load_image(src: ImageLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
     w, h = rgb.size
     if min(w, h) < MIN_SIDE:
         raise InputError(f"the image is {w}x{h}; both sides must be at least {MIN_SIDE} pixels")
+    _LOADED[id(rgb)] = rgb
     return rgb
 
 
@@ -194,11 +204,17 @@ def plan_region(image_size: tuple[int, int], mask: np.ndarray, *, native: int, m
 def crop_to_work(image: Image.Image, mask: np.ndarray, region: Region) -> tuple[Image.Image, np.ndarray]:
     """The region of image and mask at work size; a work pixel is masked if any source pixel under it is."""
     crop = image.crop(region.box)
-    m = Image.fromarray(mask.astype(np.uint8) * 255).crop(region.box)
     if crop.size != region.work_size:
         crop = crop.resize(region.work_size, Image.Resampling.LANCZOS)
+    return crop, crop_mask(mask, region)
+
+
+def crop_mask(mask: np.ndarray, region: Region) -> np.ndarray:
+    """(H, W) bool mask -> the region at work size, (h, w) bool: a work pixel is masked if any pixel under it is."""
+    m = Image.fromarray(mask.astype(np.uint8) * 255).crop(region.box)
+    if m.size != region.work_size:
         m = m.resize(region.work_size, Image.Resampling.BOX)
-    return crop, np.asarray(m) > 0
+    return np.asarray(m) > 0
 
 
 def _edge_ramp(size: tuple[int, int], box: tuple[int, int, int, int], image_size: tuple[int, int],

@@ -3,11 +3,122 @@ masks (per-pixel edit strength, Differential Diffusion, Levin & Fried 2023)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Optional
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .config import LATENT_MASK_MODES  # how a pixel mask becomes a latent mask, see `latent_strength`
+from .config import EditConfig
+from .errors import InputError
+from .images import DEFAULT_MAX_PIXELS, ImageLike, Region, crop_mask, load_mask_values
+
+MASK_SETTINGS = ("mask_threshold", "invert_mask", "mask_grow", "mask_blur", "soft_mask")  # what `EditMasks` reads
+
+
+@dataclass(frozen=True)
+class EditMasks:
+    """A mask read once and prepared for one edit, at the upload's full resolution (H, W).
+
+    `target` is the region asked for: the ranking scores it and the loop's core forms content inside it. With
+    `mask_blur` or `soft_mask`, `strength` holds per-pixel edit strengths in [0, 1] whose support is everything
+    the edit may touch, and the final composite uses them as its weights. The single edit, the multi-mask edit,
+    the CLI and the batch all make one with `EditMasks.read` (or `from_values`) and pass it to `Editor.edit`.
+    """
+
+    target: np.ndarray  # (H, W) bool, True = edit
+    strength: Optional[np.ndarray]  # (H, W) float32 in [0, 1]; None = the hard `target`
+    soft: bool  # `soft_mask`: the loop steps by the strengths too (Differential Diffusion)
+    settings: tuple  # the values of MASK_SETTINGS it was made with
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height), the image's."""
+        return self.target.shape[1], self.target.shape[0]
+
+    @property
+    def support(self) -> np.ndarray:
+        """(H, W) bool: every pixel the edit may change."""
+        return self.target if self.strength is None else self.strength > 0
+
+    @classmethod
+    def read(cls, mask: ImageLike, size: tuple[int, int], config: EditConfig, *,
+             max_pixels: int = DEFAULT_MAX_PIXELS) -> "EditMasks":
+        """Read `mask` (white or opaque = edit; its alpha when it has transparency) for an image of `size`."""
+        if isinstance(mask, EditMasks):
+            return mask.check(size, config)
+        return cls.from_values(load_mask_values(mask, size, max_pixels=max_pixels), config)
+
+    @classmethod
+    def from_values(cls, values: np.ndarray, config: EditConfig) -> "EditMasks":
+        """From a mask's (H, W) values in [0, 1] as read (`load_mask_values`): grown (`mask_grow`, on the edit
+        side, in 8-bit steps), inverted, thresholded or made strengths (`soft_mask`, `mask_blur`)."""
+        from .select import grow_values
+
+        cfg = config
+        if cfg.mask_grow:  # grown or shrunk in the upload's pixels before anything else (blended/select)
+            edit = grow_values(1 - values if cfg.invert_mask else values, cfg.mask_grow)
+            values = 1 - edit if cfg.invert_mask else edit
+            values = np.round(np.clip(values, 0, 1) * 255).astype(np.uint8).astype(np.float32) / 255.0
+        strength = None
+        if cfg.soft_mask:
+            strength = strength_map(1 - values if cfg.invert_mask else values, cfg.mask_blur)
+            if not strength.any():
+                raise InputError("the mask is empty: paint the region to edit (white or opaque = edit)")
+            target = strength >= 0.5
+            if not target.any():  # a faint mask: all of it is the target
+                target = strength > 0
+        else:
+            target = values > cfg.mask_threshold
+            target = ~target if cfg.invert_mask else target
+            if not target.any():
+                raise InputError("the mask is empty: paint the region to edit (white or opaque = edit)")
+            if cfg.mask_blur > 0:
+                strength = strength_map(target, cfg.mask_blur)
+        return cls(target, strength, bool(cfg.soft_mask), _mask_settings(cfg))
+
+    def check(self, size: tuple[int, int], config: EditConfig) -> "EditMasks":
+        """Self, if it was made for an image of `size` with `config`'s mask settings; else InputError."""
+        if self.size != tuple(size):
+            raise InputError(f"the mask is {self.size[0]}x{self.size[1]} but the image is {size[0]}x{size[1]}; "
+                             "they must be the same size")
+        if self.settings != _mask_settings(config):
+            raise InputError("the mask was prepared with other mask settings than the edit's "
+                             f"({', '.join(MASK_SETTINGS)}); prepare it with the edit's settings")
+        return self
+
+    def at_work(self, region: Region) -> "WorkMasks":
+        """The masks of the region that is edited, at its work size."""
+        crop = crop_mask(self.support, region)
+        work_target = crop if self.strength is None else \
+            crop_strength(self.target.astype(np.float32), region.box, region.work_size) > 0
+        # the loop's strengths: per pixel with `soft_mask` (Differential Diffusion); else the target, hard
+        # (`mask_blur` alone softens only the final composite: docs/benchmarks.md, "Soft masks")
+        loop = crop_strength(self.strength, region.box, region.work_size) if self.soft else work_target
+        return WorkMasks(support=crop, target=work_target, strength=loop)
+
+    def composite_weights(self, region: Region, feather: int) -> np.ndarray:
+        """(h, w) weights of the edit in the region's box, in the upload's own pixels: the seam band of `feather`
+        px for a hard mask, a soft mask's own strengths otherwise."""
+        from .images import seam_weights
+
+        l, t, r, b = region.box
+        return seam_weights(self.support[t:b, l:r], feather) if self.strength is None else self.strength[t:b, l:r]
+
+
+@dataclass(frozen=True)
+class WorkMasks:
+    """An `EditMasks` in the edited region at work size (h, w)."""
+
+    support: np.ndarray  # (h, w) bool: every pixel the edit may touch
+    target: np.ndarray  # (h, w) bool: the region asked for
+    strength: Any  # (h, w): float strengths with `soft_mask`, else `target`
+
+
+def _mask_settings(config: EditConfig) -> tuple:
+    return tuple(getattr(config, name) for name in MASK_SETTINGS)
 
 
 def strength_map(mask: np.ndarray, blur: float = 0.0) -> np.ndarray:

@@ -10,7 +10,7 @@ import numpy as np
 from .config import EditConfig
 from .editor import EditResult, Editor, Progress
 from .errors import InputError
-from .images import DEFAULT_MAX_PIXELS, ImageLike, load_image, load_mask
+from .images import DEFAULT_MAX_PIXELS, ImageLike, load_image
 from .select import grow
 
 VARIANT_GROWS = (0.0, 0.1, 0.2)  # the variants of one mask grow by these fractions of its size (sqrt of its area)
@@ -61,17 +61,19 @@ def edit_masks(editor: Editor, image: ImageLike, masks: Sequence[tuple[str, Any]
     Args:
         editor: the loaded Editor; each mask is one `Editor.edit` call.
         image: the source (any ImageLike).
-        masks: (label, mask) pairs; a mask is anything `Editor.edit` takes (white or opaque = edit).
+        masks: (label, mask) pairs; a mask is anything `Editor.edit` takes (white or opaque = edit), or an
+            `EditMasks` read with the edit's settings.
         prompt: what should appear inside the mask.
         config: the settings (default `editor.defaults`, `overrides` applied); `num_candidates` is the total,
             split over the masks (`split`: the same cost as one edit), candidate i keeping seed `seed + i`.
 
     Returns:
-        One EditResult, candidates best first by the ranker's score on the union of the masks (one view for
-        all, so a bigger mask is not judged on more pixels); each candidate's `mask` names its mask. The
-        result's region, timings and settings are those of the first mask's edit, timings summed.
+        One EditResult, candidates best first by the ranker's score on the union of the masks' targets (the
+        region each edit ranks on, one view for all, so a bigger mask is not judged on more pixels); each
+        candidate's `mask` names its mask. The result's region, timings and settings are those of the first
+        mask's edit, timings summed.
     """
-    cfg = (config or editor.defaults).replace(**overrides)
+    cfg = (config or editor.defaults).replace(**overrides).checked()
     if not masks:
         raise InputError("give at least one mask")
     counts = split(cfg.num_candidates, len(masks))
@@ -80,11 +82,12 @@ def edit_masks(editor: Editor, image: ImageLike, masks: Sequence[tuple[str, Any]
     for (label, mask), n in zip(masks, counts):
         if n == 0:
             continue
-        part = editor.edit(source, mask, prompt, cfg.replace(num_candidates=n, seed=cfg.seed + offset, rank=False),
-                           progress=progress, should_stop=should_stop)
+        part_cfg = cfg.replace(num_candidates=n, seed=cfg.seed + offset, rank=False)
+        prepared = editor.read_masks(mask, source.size, part_cfg)  # read once: the edit and the ranking use it
+        part = editor.edit(source, prepared, prompt, part_cfg, progress=progress, should_stop=should_stop)
         for cand in part.candidates:
             cand.mask = label
-        results.append((part, mask))
+        results.append((part, prepared))
         offset += n
     first = results[0][0]
     candidates = [c for part, _ in results for c in part.candidates]
@@ -92,16 +95,9 @@ def edit_masks(editor: Editor, image: ImageLike, masks: Sequence[tuple[str, Any]
     timings = {k: sum(part.timings.get(k, 0.0) for part, _ in results) for k in first.timings}
     if cfg.rank and editor.ranker is not None and len(candidates) > 1:
         union = np.zeros(source.size[::-1], bool)
-        for _, mask in results:  # the masks as each edit reads them (threshold, invert, grow)
-            union |= _asked(mask, source.size, cfg, editor.max_pixels)
+        for _, prepared in results:
+            union |= prepared.target
         editor.rank(candidates, union, prompt, notes)
     candidates.sort(key=lambda c: c.filtered)
     return EditResult(candidates=candidates, prompt=first.prompt, config=cfg, model=first.model, timings=timings,
                       region=first.region, notes=notes, model_info=first.model_info)
-
-
-def _asked(mask: Any, size: tuple[int, int], cfg: EditConfig, max_pixels: int) -> np.ndarray:
-    """The (H, W) bool region an edit with `cfg` reads from `mask`."""
-    m = load_mask(mask, size, threshold=0.0 if cfg.soft_mask else cfg.mask_threshold, invert=cfg.invert_mask,
-                  max_pixels=max_pixels)
-    return grow(m, cfg.mask_grow) if cfg.mask_grow else m

@@ -5,12 +5,14 @@
 classifier-free guidance. Inputs that other kinds of checkpoints need are fields of `Conditioning`:
 a few-step (LCM-distilled) UNet's `timestep_cond`, a 9-channel inpainting UNet's extra channels, LoRA
 `cross_attention_kwargs`; adding one is a field here and a line in `denoise`, nothing in `Editor._edit`.
+`time_unet_call` times one such evaluation (the app's speed banner).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -144,3 +146,31 @@ def make_denoise(unet: Any, scheduler: Any, cond: Conditioning, guidance_scale: 
         return noise_pred
 
     return denoise
+
+
+@torch.no_grad()
+def time_unet_call(model: Any, guided: bool = True) -> float:
+    """Seconds of one denoising evaluation at the model's native size for one candidate, timed once: the UNet
+    called through `make_denoise` with the conditions an edit builds (an empty prompt; `guided`: the negative
+    row and the prompt's, a batch of 2), an LCM-distilled UNet's `timestep_cond` and an inpainting UNet's
+    extra channels included. The prompt is encoded before the clock starts."""
+    from .schedulers import make_scheduler
+
+    unet, side = model.pipe.unet, model.pipe.unet.config.sample_size
+    cond = encode_prompt(model, "", "", guided, (model.native_size, model.native_size))
+    rows, dtype = cond.encoder_hidden_states.shape[0], cond.encoder_hidden_states.dtype
+    dim = getattr(unet.config, "time_cond_proj_dim", None)
+    if dim is not None:
+        cond = dataclasses.replace(cond, timestep_cond=guidance_embedding(1.0, dim, rows).to(model.device, dtype))
+    if model.is_inpainting:  # the mask and masked source's latents (zeros: their values do not change the time)
+        extra = torch.zeros(rows, 1 + model.latent_channels, side, side, device=model.device, dtype=model.dtype)
+        cond = dataclasses.replace(cond, extra_channels=extra)
+    scheduler = make_scheduler(model.pipe, "ddim")
+    scheduler.set_timesteps(2, device=model.device)
+    denoise = make_denoise(unet, scheduler, cond, guidance_scale=2.0)
+    latents = torch.randn(1, model.latent_channels, side, side, device=model.device, dtype=model.dtype)  # (1, C, h, w)
+    start = time.perf_counter()
+    denoise(latents, scheduler.timesteps[0])
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start

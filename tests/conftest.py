@@ -11,7 +11,7 @@ from PIL import Image
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-from tiny import build_pipeline  # noqa: E402
+from blended_dev.tiny import build_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """The app through its API: launch the real Blocks on a small model, edit with gradio_client, stop, fail, recover.
 
 The model is the bundled demo model when `assets/demo` exists (with its recommended settings), else a
-tiny random SD1-shaped pipeline built in-process (tests/tiny.py).
+tiny random SD1-shaped pipeline built in-process (blended_dev/tiny.py).
 """
 
 import random
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.load import free_port
+from blended_dev.server import free_port
 from blended import Candidate, EditConfig, InputError
 from conftest import box_mask, scene
 
@@ -29,7 +29,7 @@ def app_editor(tmp_path_factory):
 
     if (DEMO / "model_index.json").is_file():
         return Editor.load("demo", ranker=None)
-    from tiny import build_pipeline
+    from blended_dev.tiny import build_pipeline
 
     folder = build_pipeline("sd1", tmp_path_factory.mktemp("app") / "sd1")
     return Editor.load(str(folder), ranker=None)
@@ -59,6 +59,20 @@ def make_case(editor, tmp_path):
     scene(w, h, seed=3).save(image)
     box_mask(w, h, box).save(mask)
     return image, mask, box
+
+
+def generate_handler(demo):
+    """The Generate button's handler and its inputs (the UI's own path, without a browser)."""
+    fn = next(f for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "on_generate")
+    return fn.fn, fn.inputs
+
+
+def painted(size: int) -> dict:
+    """An ImageEditor value: a scene with a square painted in its middle."""
+    layer = np.zeros((size, size, 4), np.uint8)
+    layer[size // 4:3 * size // 4, size // 4:3 * size // 4] = (255, 0, 255, 140)
+    return {"background": scene(size, size).convert("RGBA"), "layers": [Image.fromarray(layer, "RGBA")],
+            "composite": None}
 
 
 # -- through the API ------------------------------------------------------------------------------------
@@ -219,9 +233,9 @@ def test_settings_become_an_edit_config_within_the_limits():
     assert (within.num_candidates, within.num_inference_steps, within.decoder_steps, within.latent_steps) == \
         (4, 50, 50, 50)
     for bad, message in [({"num_candidates": 5}, "at most 4"), ({"num_inference_steps": 51}, "at most 50"),
-                         ({"preserve_background": True, "decoder_steps": 60}, "60 decoder fine-tuning steps"),
-                         ({"background": "latent", "latent_steps": 51}, "51 latent optimisation steps"),
-                         ({"num_candidates": 2.5}, "whole number"), ({"shrink": "yes"}, "true or false"),
+                         ({"preserve_background": True, "decoder_steps": 60}, "decoder_steps 60 asked"),
+                         ({"background": "latent", "latent_steps": 51}, "latent_steps 51 asked"),
+                         ({"num_candidates": 2.5}, "an integer"), ({"randomize_seed": "yes"}, "true or false"), ({"shrink": "yes"}, "true or false"),
                          ({"guidance_scale": 99}, "guidance_scale must be between"),
                          ({"background": "magic"}, "background must be one of"), ({"cfg": 1}, "unknown setting")]:
         with pytest.raises(InputError, match=message):

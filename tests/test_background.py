@@ -3,6 +3,8 @@
 A tiny AutoencoderKL is trained for a few seconds on smooth pictures, so it is lossy but not random.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -43,7 +45,7 @@ def smooth_images(n: int, seed: int) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def vae():
     """The tests' tiny VAE, trained for 150 deterministic Adam steps (a few seconds)."""
-    from tiny import _vae
+    from blended_dev.tiny import _vae
 
     torch.manual_seed(0)
     model = _vae()
@@ -285,7 +287,7 @@ def test_window_and_paste():
 def test_reconstruct_dispatch_and_errors(sd1_editor, edit):
     latents, decoded, source, mask = edit
     cfg = EditConfig()
-    kw = dict(editor=sd1_editor, latents=latents, decoded=decoded, source=source, mask=mask, config=cfg)
+    kw = dict(vae=sd1_editor.model.pipe.vae, latents=latents, decoded=decoded, source=source, mask=mask, config=cfg)
     assert torch.equal(bg.reconstruct("none", **kw), decoded)
     with pytest.raises(InputError, match="background"):
         bg.reconstruct("blur", **kw)
@@ -312,10 +314,62 @@ def test_cancel_stops_reconstruction(sd1_editor, edit):
             return len(polls) > 3
 
         with pytest.raises(EditCancelled):
-            bg.reconstruct(method, editor=sd1_editor, latents=latents, decoded=decoded, source=source, mask=mask,
-                           config=EditConfig(decoder_patience=0, latent_steps=50),
+            bg.reconstruct(method, vae=sd1_editor.model.pipe.vae, latents=latents, decoded=decoded, source=source,
+                           mask=mask, config=EditConfig(decoder_patience=0, latent_steps=50),
                            progress=lambda done, total: seen.append(done), should_stop=stop)
         assert len(polls) == 4 and max(seen) == 3
+
+
+def test_the_registry_refuses_an_unknown_method(edit):
+    latents, decoded, source, mask = edit
+    for name in ("blur", "Decoder", ""):
+        with pytest.raises(InputError, match="none, stitch, poisson, latent, decoder"):
+            bg.get_method(name)
+        with pytest.raises(InputError, match=f"unknown background method '{name}'"):
+            bg.reconstruct(name, vae=None, latents=latents, decoded=decoded, source=source, mask=mask,
+                           config=EditConfig())
+    assert bg.get_method("poisson") is bg.METHODS["poisson"]
+    # the methods that do not decode do not need the VAE
+    assert torch.equal(bg.reconstruct("stitch", vae=None, latents=latents, decoded=decoded, source=source, mask=mask,
+                                      config=EditConfig(feather=0)), mask * decoded + (1 - mask) * source)
+
+
+def test_the_registry_lists_the_configs_methods_and_what_each_needs():
+    from blended.config import BACKGROUND_METHODS
+
+    assert tuple(bg.METHODS) == BACKGROUND_METHODS
+    assert all(m.name == name and m.help and "\n" not in m.help for name, m in bg.METHODS.items())
+    fitted = {name for name, m in bg.METHODS.items() if m.needs_stats}
+    assert fitted == {name for name, m in bg.METHODS.items() if m.memory_fallback} == {"latent", "decoder"}
+    assert [name for name, m in bg.METHODS.items() if not m.keeps_outside] == ["none"]
+    assert {name: m.steps_setting for name, m in bg.METHODS.items() if m.steps_setting} == \
+        {"latent": "latent_steps", "decoder": "decoder_steps"}
+    assert all(hasattr(EditConfig(), m.steps_setting) for m in bg.METHODS.values() if m.steps_setting)
+    assert bg.PRESERVE_METHOD == "decoder" and bg.PRESERVE_METHOD in bg.METHODS
+
+
+def test_latent_and_decoder_share_the_one_fitting_loop(vae, edit, monkeypatch):
+    """`optimize_latents` and `finetune_decoder` (one shared copy, or a copy per candidate) all run
+    `fitting.fit`: it polls `should_stop` before each step (EditCancelled) and reports each step's progress."""
+    latents, decoded, source, mask = edit
+    calls = []
+    real = bg.fitting.fit
+    monkeypatch.setattr(bg.fitting, "fit", lambda *a, **k: (calls.append(k["steps"]), real(*a, **k))[1])
+    runs = {"latent": lambda **k: bg.optimize_latents(vae, latents, decoded, source, mask, **k),
+            "decoder, shared": lambda **k: bg.finetune_decoder(vae, latents, decoded, source, mask, **k),
+            "decoder, copies": lambda **k: bg.finetune_decoder(vae, latents, decoded, source, mask, share=False,
+                                                               vectorize=False, **k)}
+    for label, run in runs.items():
+        calls.clear()
+        seen, polls = [], []
+        out = run(steps=3, lr=1e-3, margin=1, patience=0, progress=lambda done, total: seen.append((done, total)))
+        assert calls and set(calls) == {3}, label  # through the one loop
+        assert out.shape == decoded.shape and seen[-1][0] == seen[-1][1] == len(seen) - 1, (label, seen)
+        seen.clear()
+        with pytest.raises(EditCancelled):
+            run(steps=20, lr=1e-3, margin=1, patience=0, progress=lambda done, total: seen.append(done),
+                should_stop=lambda: polls.append(1) or len(polls) > 2)
+        assert len(polls) == 3 and seen == [1, 2], (label, seen)
 
 
 @pytest.mark.parametrize("method", ["decoder", "latent", "stitch", "poisson"])
@@ -377,7 +431,7 @@ def test_keep_inside_keeps_the_candidate_inside_and_the_reconstruction_outside(s
     """`keep_inside`: deeper than feather/2 px inside the mask the result is the candidate itself; outside the
     mask (and on its border) it is the optimised decode, exactly as without the option."""
     latents, decoded, source, mask = edit
-    kw = dict(editor=sd1_editor, latents=latents, decoded=decoded, source=source, mask=mask)
+    kw = dict(vae=sd1_editor.model.pipe.vae, latents=latents, decoded=decoded, source=source, mask=mask)
     # the paper's window loss: the fit is the same with and without the option (the band loss fits where each shows it)
     cfg = EditConfig(decoder_steps=6, decoder_patience=0, decoder_lr=3e-3, feather=4, decoder_loss="window")
     kept = bg.reconstruct("decoder", config=cfg, **kw)
@@ -396,7 +450,7 @@ def test_exact_outside_keeps_the_source_beyond_the_seam_band(sd1_editor, edit):
     """`exact_outside`: beyond `feather` px outside the mask the result is the source, bit for bit; in the band
     it ramps from the optimised decode (at the mask) to the source, and inside nothing changes."""
     latents, decoded, source, mask = edit
-    kw = dict(editor=sd1_editor, latents=latents, decoded=decoded, source=source, mask=mask)
+    kw = dict(vae=sd1_editor.model.pipe.vae, latents=latents, decoded=decoded, source=source, mask=mask)
     # the paper's window loss and margin: the fit is the same with and without the option
     cfg = EditConfig(decoder_steps=6, decoder_patience=0, decoder_lr=3e-3, feather=3, decoder_loss="window")
     for method in ("decoder", "latent"):
@@ -470,12 +524,16 @@ def test_decoder_out_of_memory_falls_back_to_the_default_with_a_note(sd1_editor,
 
     image, mask = scene(48, 32), box_mask(48, 32, (16, 8, 36, 24))
     kw = dict(num_inference_steps=3, num_candidates=2, rank=False)
-    monkeypatch.setattr(bg, "finetune_decoder", no_memory)
+    monkeypatch.setitem(bg.METHODS, "decoder", dataclasses.replace(bg.METHODS["decoder"], run=no_memory))
     r = sd1_editor.edit(image, mask, "a red circle", background="decoder", **kw)
     assert any("ran out of memory" in n and "stitch" in n for n in r.notes)
     default = sd1_editor.edit(image, mask, "a red circle", **kw)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(r.images, default.images))
-    monkeypatch.setattr(bg, "finetune_decoder", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape bug")))
+
+    def shape_bug(**kwargs):
+        raise RuntimeError("shape bug")
+
+    monkeypatch.setitem(bg.METHODS, "decoder", dataclasses.replace(bg.METHODS["decoder"], run=shape_bug))
     with pytest.raises(RuntimeError, match="shape bug"):  # other errors are not hidden
         sd1_editor.edit(image, mask, "a red circle", background="decoder", **kw)
 
@@ -493,8 +551,8 @@ def test_lr_schedules_decay_from_the_peak():
 def test_finetuning_uses_the_schedule(vae, edit, monkeypatch):
     latents, decoded, source, mask = edit
     rates = []
-    real = bg._set_lr
-    monkeypatch.setattr(bg, "_set_lr", lambda opt, lr: (rates.append(lr), real(opt, lr)))
+    real = bg.fitting._set_lr
+    monkeypatch.setattr(bg.fitting, "_set_lr", lambda opt, lr: (rates.append(lr), real(opt, lr)))
     for share in (True, False):
         rates.clear()
         bg.finetune_decoder(vae, latents, decoded, source, mask, steps=4, lr=1e-3, patience=0, schedule="linear",
@@ -575,7 +633,7 @@ def test_band_loss_fits_only_what_the_result_shows(sd1_editor, edit):
     changed[(use == 0).expand_as(source) & (mask == 0).expand_as(source)] = 1.0  # the source beyond the band
     cands = decoded.clone()
     cands[(use == 0).expand_as(decoded) & (mask == 1).expand_as(decoded)] = -1.0  # the candidates deep inside
-    kw = dict(editor=sd1_editor, latents=latents, mask=mask, composite=False)
+    kw = dict(vae=sd1_editor.model.pipe.vae, latents=latents, mask=mask, composite=False)
     a = bg.reconstruct("decoder", decoded=decoded, source=source, config=cfg, **kw)
     b = bg.reconstruct("decoder", decoded=cands, source=changed, config=cfg, **kw)
     assert torch.allclose((a * use), (b * use), atol=1e-5)
@@ -586,7 +644,7 @@ def test_band_loss_fits_only_what_the_result_shows(sd1_editor, edit):
 
 
 def test_band_strips_cover_every_used_pixel_once(monkeypatch):
-    monkeypatch.setattr(bg, "STRIPS_WORTH", 2.0)  # strips even where they save little
+    monkeypatch.setattr(bg.window, "STRIPS_WORTH", 2.0)  # strips even where they save little
     used = np.ones((40, 48), bool)
     used[10:33, 6:44] = False  # the part of the window the loss does not see
     strips = bg.band_strips(used, context=3)
@@ -623,11 +681,11 @@ def test_band_strips_give_the_whole_windows_result(vae, monkeypatch):
     kw = dict(steps=6, lr=3e-3, margin=1, patience=0, blocks=1, focus=focus)
     calls = []
     real = bg.band_strips
-    monkeypatch.setattr(bg, "band_strips", lambda *a: calls.append(real(*a)) or calls[-1])
-    monkeypatch.setattr(bg, "STRIPS_WORTH", 10.0)  # this tiny window: strips though they save nothing
-    monkeypatch.setattr(bg, "STRIP_CELL", 1)
+    monkeypatch.setattr(bg.finetune, "band_strips", lambda *a: calls.append(real(*a)) or calls[-1])
+    monkeypatch.setattr(bg.window, "STRIPS_WORTH", 10.0)  # this tiny window: strips though they save nothing
+    monkeypatch.setattr(bg.window, "STRIP_CELL", 1)
     strips = bg.finetune_decoder(vae, latents, decoded, source, mask, **kw)
     assert calls and calls[-1] is not None  # the strips were used
-    monkeypatch.setattr(bg, "STRIPS_WORTH", 0.0)
+    monkeypatch.setattr(bg.window, "STRIPS_WORTH", 0.0)
     whole = bg.finetune_decoder(vae, latents, decoded, source, mask, **kw)
     assert torch.allclose(strips, whole, atol=1e-5)

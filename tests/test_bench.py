@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(script: str, *args: str) -> str:
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick", *args], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", f"bench.{script.removesuffix('.py')}", "--quick", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -71,8 +71,7 @@ def test_fidelity_quick():
 
 
 def test_decoder_memory_quick():
-    sys.path.insert(0, str(ROOT / "bench"))
-    from decoder_memory import have_before
+    from blended_dev.bench import have_before
 
     out = run("decoder_memory.py", "--threads", "1")
     rows = [line for line in out.splitlines() if line.startswith("| tiny VAE")]

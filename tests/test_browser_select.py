@@ -7,17 +7,15 @@ docs/images/select.png:
 """
 
 import io
-import sys
 
 import numpy as np
 from PIL import Image
 
-from test_browser import (OUT, PICTURES, README_PICTURES, ROOT, app_url, browser, calls, magenta,  # noqa: F401
+from test_browser import (OUT, PICTURES, README_PICTURES, app_url, browser, calls, magenta,  # noqa: F401
                           open_app, set_settings, wait_result)
 from test_app_client import app_editor  # noqa: F401  (a fixture)
 
-sys.path.insert(0, str(ROOT / "tools"))
-import scenes  # noqa: E402
+from blended_dev import scenes
 
 SEED = scenes.HELDOUT_SEED_START + 990_004  # one black square at (24, 8)-(60, 44) of the 64 x 64 scene
 

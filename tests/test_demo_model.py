@@ -1,22 +1,18 @@
 """The bundled demo model, loaded through the public loader, does real edits (issue 5).
 
-The judge is tools/analyse.py, the colour/shape analyser of the demo world: the prompt's colour must
+The judge is blended_dev/analyse.py, the colour/shape analyser of the demo world: the prompt's colour must
 be the object found inside the mask of the top-ranked candidate, and the picture outside the mask must
 be kept. The cases are held-out edits (seeds the training never saw).
 """
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from blended_dev import analyse, scenes
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-
-import analyse  # noqa: E402
-import scenes  # noqa: E402
-
 CASES = [scenes.HELDOUT_SEED_START + k for k in (3, 11, 42)]
 
 

@@ -218,12 +218,7 @@ def test_demo_fast_is_a_preset_with_its_settings():
 def test_demo_fast_edits_in_four_unguided_steps():
     """The bundled distilled model through the public loader: its ranker, its settings, 4 x 4 UNet rows, and the
     asked colour in the top candidate of the demo model's held-out test cases (tests/test_demo_model.py)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-    import analyse
-    import scenes
+    from blended_dev import analyse, scenes
 
     editor = Editor.load("demo-fast", device="cpu")
     assert editor.ranker is not None and editor.defaults.num_inference_steps == 4

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import box_mask, scene
-from ldm_layout import write_single_file
+from blended_dev.ldm_layout import write_single_file
 
 from blended import Editor
 
@@ -52,12 +52,12 @@ def test_the_unet_receives_the_mask_and_the_masked_source_channel_for_channel(in
     for weight in (1.0, 0.5, 0.0):
         inputs = unet_inputs(ed, image, mask, inpainting_mask_weight=weight)
         assert len(inputs) == 2  # two steps, guided: negative and prompt rows in each call
-        expected = ed._vae_encode(source * (1 - weight * hole))
+        expected = ed.model.encode(source * (1 - weight * hole))
         for x in inputs:
             assert x.shape == (2, 9, 8, 8)
             assert torch.equal(x[:, 4:5], z_mask.expand(2, 1, 8, 8))
             assert torch.allclose(x[:, 5:], expected.expand(2, -1, -1, -1), atol=1e-6)
-    assert torch.equal(ed._vae_encode(source), ed._vae_encode(source * (1 - 0.0 * hole)))  # w=0: the whole source
+    assert torch.equal(ed.model.encode(source), ed.model.encode(source * (1 - 0.0 * hole)))  # w=0: the whole source
     for x in unet_inputs(ed, image, mask, inpainting_conditioning=False):
         assert not x[:, 4:].any()
 

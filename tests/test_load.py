@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.load import app_server, rss_mb, rush, settings
+from blended_dev.server import app_server, rss_mb, rush, settings
 from test_app_client import app_editor, launch, make_case  # noqa: F401  (fixture)
 
 USERS = 16
@@ -103,7 +103,7 @@ def test_the_server_serves_its_outputs_and_examples_but_nothing_else(busy_server
     import urllib.parse
     import urllib.request
 
-    from bench.load import ROOT
+    from blended_dev import ROOT
 
     url, _ = busy_server
 

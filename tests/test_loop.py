@@ -1,9 +1,7 @@
 """The loop's background variants (fresh noise, the step's own timestep, a pure-noise start) are right for
 every scheduler, the default loop is the previous one exactly, and the engine set up like the paper's
-script computes what the script's port in bench/official.py computes."""
+script computes what the script's port in blended_dev/official.py computes."""
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -130,8 +128,7 @@ def test_loop_without_variants_and_hard_schedule_are_the_previous_ones_exactly(n
 
 
 def test_engine_set_up_like_the_script_equals_the_port(sd1_editor):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    from official import OFFICIAL_SETTINGS, official_edit
+    from blended_dev.official import OFFICIAL_SETTINGS, official_edit
 
     image, mask = scene(32, 32), box_mask(32, 32, (6, 5, 23, 22))
     kw = dict(num_candidates=2, num_inference_steps=6, guidance_scale=3.0, blend_start=0.0, seed=5)

@@ -2,7 +2,7 @@
 
 import numpy as np
 from conftest import box_mask, scene
-from ldm_layout import write_single_file
+from blended_dev.ldm_layout import write_single_file
 from test_lora import make_lora
 
 from ui.models_panel import ModelSlot, load_into
@@ -68,7 +68,7 @@ def test_app_flags_load_a_lora_and_fall_back_with_a_notice(tiny_dirs, tmp_path):
 def test_loading_a_few_step_model_brings_its_settings(tmp_path):
     """The picker's swap to demo-fast sets the Settings to its 4 LCM steps; a failed load changes nothing."""
     from blended import Editor
-    from ui.demo import MODEL_SETTINGS, model_settings
+    from ui.settings_panel import MODEL_SETTINGS, model_settings
     from ui.limits import Limits
 
     slot, limits = ModelSlot(Editor.load("demo", ranker=None)), Limits()
@@ -82,3 +82,49 @@ def test_loading_a_few_step_model_brings_its_settings(tmp_path):
     after = dict(zip(names, model_settings(slot, load_into(slot, "demo-fast"), names, limits)))
     assert (after["scheduler"], after["num_inference_steps"]) == ("lcm", slot.defaults.num_inference_steps)
     assert after["num_inference_steps"] <= 8
+
+
+# -- issue 27, bug 1: an edit uses the settings of the model in use, not the first model's ----------------
+
+PER_MODEL = ("core_steps", "background_timestep", "background_noise")  # demo-fast's blended.json sets them; no widget does
+
+
+def test_edits_use_the_settings_of_the_model_in_use(tmp_path):
+    """Start on `demo`, load `demo-fast` with the picker: Generate and /edit use demo-fast's blended.json
+    (core_steps, background_timestep, background_noise have no widget), not demo's settings captured at build."""
+    import json
+    from pathlib import Path
+
+    from gradio_client import Client, handle_file
+
+    from blended import Editor, PRESETS
+    from ui.limits import Limits
+    from test_app_client import generate_handler, launch, make_case, painted
+
+    slot, limits = ModelSlot(Editor.load("demo", ranker=None)), Limits(max_candidates=2)
+    first = {n: getattr(slot.defaults, n) for n in PER_MODEL}
+    demo, url = launch(slot, limits)
+    try:
+        assert load_into(slot, "demo-fast").startswith("In use:")
+        wanted = {n: v for n, v in json.loads((Path(PRESETS["demo-fast"]) / "blended.json").read_text()).items()
+                  if n in PER_MODEL}
+        assert wanted != first and {n: getattr(slot.defaults, n) for n in PER_MODEL} == wanted
+
+        image, mask, _ = make_case(slot, tmp_path)
+        _, result = Client(url, verbose=False).predict(handle_file(str(image)), handle_file(str(mask)), "a red circle",
+                                                       {"num_candidates": 1}, api_name="/edit")
+        assert {n: result["settings"][n] for n in PER_MODEL} == wanted  # the API names none of them
+        assert (result["settings"]["scheduler"], result["settings"]["num_inference_steps"]) == ("lcm", 4)
+
+        handler, inputs = generate_handler(demo)
+        by_id = {c.elem_id: c for c in inputs if getattr(c, "elem_id", None)}
+        data = {c: c.value for c in inputs}
+        data.update({by_id["editor"]: painted(slot.model.native_size), by_id["prompt"]: "a red circle",
+                     by_id["live-preview"]: False, by_id["num-candidates"]: 1, by_id["randomize-seed"]: False})
+        for name in ("num_inference_steps", "guidance_scale", "scheduler", "blend_start"):  # what the picker resets
+            data[by_id[name.replace("_", "-")]] = getattr(slot.defaults, name)
+        last = list(handler(data, None))[-1]
+        settings = next(v for k, v in last.items() if getattr(k, "elem_id", None) == "details")["settings"]
+        assert {n: settings[n] for n in PER_MODEL} == wanted
+    finally:
+        demo.close()

@@ -34,8 +34,8 @@ def test_colour_chart_and_map_shapes(sd1_editor):
     assert chart.shape == (64, 64, 3) and chart.dtype == np.uint8 and len(np.unique(chart.reshape(-1, 3), axis=0)) > 40
     m = sd1_editor.model
     with torch.no_grad():
-        w = latent_rgb_map(m.pipe.vae, sd1_editor._vae_encode, m.vae_scale_factor)
-        assert latent_rgb_map(m.pipe.vae, sd1_editor._vae_encode, m.vae_scale_factor) is w  # cached per VAE
+        w = latent_rgb_map(m.pipe.vae, sd1_editor.model.encode, m.vae_scale_factor)
+        assert latent_rgb_map(m.pipe.vae, sd1_editor.model.encode, m.vae_scale_factor) is w  # cached per VAE
     assert w.shape == (m.pipe.vae.config.latent_channels + 1, 3)
 
 

@@ -147,3 +147,64 @@ def test_other_runtime_errors_are_not_disguised(sd1_editor, monkeypatch):
         RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):
         sd1_editor.edit(GOOD, MASK, "a cat", num_inference_steps=2, num_candidates=1, rank=False)
+
+
+# -- issue 27, bug 4: the app knows out-of-memory by its type (the engine converts device OOMs to it) ------
+
+class Failing:
+    """An editor whose next edit raises `error` (set it), then edits again as `editor`."""
+
+    def __init__(self, editor):
+        self.editor, self.error = editor, None
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["editor"], name)
+
+    def edit(self, *args, **kwargs):
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+        return self.editor.edit(*args, **kwargs)
+
+
+def test_the_app_tells_out_of_memory_by_its_type_and_keeps_serving(tmp_path):
+    """OutOfMemory from the editor gives the friendly message (through /edit and Generate); a RuntimeError that
+    merely says "out of memory" is a plain error; the next edit succeeds."""
+    import gradio as gr
+    from gradio_client import Client, handle_file
+
+    from blended import Editor, OutOfMemory
+    from test_app_client import generate_handler, launch, make_case, painted
+    from ui import Limits
+
+    editor = Failing(Editor.load("demo", ranker=None))
+    demo, url = launch(editor, Limits(max_candidates=2))
+    try:
+        client = Client(url, verbose=False)
+        image, mask, _ = make_case(editor, tmp_path)
+        args = (handle_file(str(image)), handle_file(str(mask)), "a red circle",
+                {"num_candidates": 1, "num_inference_steps": 2})
+        editor.error = OutOfMemory("out of memory during the edit")
+        with pytest.raises(Exception, match="Out of memory: try fewer candidates"):
+            client.predict(*args, api_name="/edit")
+        editor.error = RuntimeError("a bug whose message says CUDA out of memory")
+        with pytest.raises(Exception) as plain:
+            client.predict(*args, api_name="/edit")
+        assert "fewer candidates" not in str(plain.value)
+        gallery, _ = client.predict(*args, api_name="/edit")
+        assert len(gallery) == 1
+
+        handler, inputs = generate_handler(demo)
+        by_id = {c.elem_id: c for c in inputs if getattr(c, "elem_id", None)}
+        data = {c: c.value for c in inputs}
+        data.update({by_id["editor"]: painted(editor.model.native_size), by_id["prompt"]: "a red circle",
+                     by_id["live-preview"]: False, by_id["num-candidates"]: 1, by_id["num-inference-steps"]: 2})
+        editor.error = OutOfMemory("out of memory during the edit")
+        with pytest.raises(gr.Error, match="Out of memory: try fewer candidates"):
+            list(handler(data, None))
+        editor.error = RuntimeError("a bug whose message says CUDA out of memory")
+        with pytest.raises(RuntimeError, match="a bug whose message"):
+            list(handler(data, None))
+        assert len(list(handler(data, None))[-1]) > 1  # the result: gallery, details, ...
+    finally:
+        demo.close()

@@ -6,7 +6,7 @@ import torch
 
 from blended import Editor
 from conftest import box_mask, scene
-from tiny import build_pipeline
+from blended_dev.tiny import build_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from PIL import Image
 from blended import EditConfig, InputError
 from blended.select import (GrabCutSegmenter, SamSegmenter, Selection, drop_specks, fill_holes, grow, invert,
                             load_segmenter, parse_box, parse_points, select_mask, snap)
-from tiny_sam import build_sam
+from blended_dev.tiny_sam import build_sam
 
 
 def iou(a, b) -> float:

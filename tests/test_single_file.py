@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import box_mask, scene
-from ldm_layout import UNET, VAE, unet_to_ldm, vae_to_ldm, write_single_file
+from blended_dev.ldm_layout import UNET, VAE, unet_to_ldm, vae_to_ldm, write_single_file
 
 from blended.errors import ModelLoadError
 
@@ -81,7 +81,7 @@ def sdxl_dir(tiny_dirs, tmp_path_factory):
     tells a file's two encoders apart by width, so the shared tiny model's two 32-wide ones would be confused."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from tiny import _text_encoder
+    from blended_dev.tiny import _text_encoder
 
     pipe = _pipe(tiny_dirs["sdxl"])
     torch.manual_seed(0)

@@ -25,3 +25,30 @@ def test_app_shows_the_banner(sd1_editor):
     ids = [c.get("props", {}).get("elem_id") for c in demo.config["components"]]
     assert "speed-banner" in ids and "continue-editing" in ids and "extend-canvas" in ids
     assert "live-preview" in ids
+
+
+def test_the_unet_is_timed_through_unet_call_on_an_sdxl_model(tiny_dirs, monkeypatch):
+    """Issue 27, bug 5: `unet_seconds` goes through `blended.unet_call` (the one place a UNet is called), which
+    gives an SDXL UNet its pooled text embeddings and size ids; ui/speed.py never calls the UNet itself."""
+    import inspect
+
+    import ui.speed
+    from blended import Editor
+    from blended.unet_call import time_unet_call
+
+    editor = Editor.load(str(tiny_dirs["sdxl"]), ranker=None)
+    unet = editor.model.pipe.unet
+    real, seen = unet.forward, []
+
+    def forward(*args, **kwargs):
+        seen.append((args[0].shape, kwargs["encoder_hidden_states"].shape, kwargs.get("added_cond_kwargs")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(unet, "forward", forward)
+    assert unet_seconds(editor) > 0 and time_unet_call(editor.model) > 0
+    assert len(seen) == 2
+    for sample, states, added in seen:  # a guided batch for one candidate: the negative row, then the prompt's
+        assert sample[0] == 2 and states[0] == 2 and sample[1] == unet.config.in_channels
+        assert added["text_embeds"].shape[0] == 2 and tuple(added["time_ids"].shape) == (2, 6)
+    source = inspect.getsource(ui.speed)
+    assert "unet(" not in source and "time_unet_call" in source

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from ldm_layout import VAE, vae_to_ldm
+from blended_dev.ldm_layout import VAE, vae_to_ldm
 
 from blended.errors import ModelLoadError
 from blended.models import load_model
@@ -47,7 +47,7 @@ def test_a_vae_file_in_the_original_layout(tiny_dirs, tmp_path):
 
 def test_a_checkpoint_file_without_a_vae_takes_the_vae_folder(tiny_dirs, tmp_path):
     from diffusers import DiffusionPipeline
-    from ldm_layout import write_single_file
+    from blended_dev.ldm_layout import write_single_file
     from safetensors.torch import load_file, save_file
 
     path = write_single_file(DiffusionPipeline.from_pretrained(str(tiny_dirs["sd1"])), tmp_path / "no-vae.safetensors")

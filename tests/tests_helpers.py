@@ -8,4 +8,4 @@ from blended.editor import _to_tensor
 @torch.no_grad()
 def encode(editor, image):
     """z_init of a PIL image with the editor's VAE (the same path Editor.edit uses)."""
-    return editor._vae_encode(_to_tensor(image))
+    return editor.model.encode(_to_tensor(image))

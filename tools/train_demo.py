@@ -1,9 +1,9 @@
 """Rebuild the bundled demo models from nothing: one seeded script, CPU only.
 
-    python tools/train_demo.py --out assets            # full run (~58 min on 2 cores, 1 thread)
-    python tools/train_demo.py --out /tmp/smoke --vae-minutes 0.5 --polish-minutes 0.2 \
+    python -m tools.train_demo --out assets            # full run (~58 min on 2 cores, 1 thread)
+    python -m tools.train_demo --out /tmp/smoke --vae-minutes 0.5 --polish-minutes 0.2 \
         --unet-minutes 0.5 --clip-minutes 0.3 --n-train 2000   # smoke test
-    python tools/train_demo.py --out /tmp/p --vae-from assets/demo/vae --polish-only \
+    python -m tools.train_demo --out /tmp/p --vae-from assets/demo/vae --polish-only \
         --polish-minutes 12                              # polish a trained VAE's decoder, save <out>/demo/vae
 
 Writes
@@ -12,7 +12,7 @@ Writes
   <out>/demo_ranker/   open_clip model: open_clip_config.json + open_clip_model.safetensors
 
 Phases (each bounded by wall-clock minutes, so the run length is predictable):
-  1. data: N training scenes from tools/scenes.py (seeds 0..N-1, all < TRAIN_SEED_END)
+  1. data: N training scenes from blended_dev/scenes.py (seeds 0..N-1, all < TRAIN_SEED_END)
   2. VAE (AutoencoderKL, 64 px -> 4x16x16) with L1+MSE and a tiny KL term; then a decoder-only
      polish (encoder and quant_conv frozen, latents bit-identical) on scenes with 0-3 objects,
      edit sources and blended edits, the images the editor decodes
@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -36,16 +35,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import scenes  # noqa: E402
+from blended_dev import scenes
+from blended_dev.training import log, lr_at, nparams, to_tensor
 
 WORDS = ["a", "and"] + list(scenes.COLOURS) + list(scenes.SHAPES)
 SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
 MAX_LEN = 16
-
-
-def log(*a):
-    print(time.strftime("%H:%M:%S"), *a, flush=True)
 
 
 # ----------------------------------------------------------------------------- builders
@@ -172,20 +167,6 @@ RANKER_CFG = {
         "resize_mode": "shortest",
     },
 }
-
-
-def nparams(m) -> int:
-    return sum(p.numel() for p in m.parameters())
-
-
-def to_tensor(images_u8: np.ndarray) -> torch.Tensor:
-    """uint8 (N,H,W,3) -> float (N,3,H,W) in [-1, 1]."""
-    return torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def lr_at(progress: float, step: int, peak: float, warmup: int) -> float:
-    w = min(1.0, (step + 1) / warmup)
-    return peak * w * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,7 +1,7 @@
 """Distil the bundled demo model into a few-step one (latent consistency distillation, LCM), CPU only.
 
-    python tools/train_fast.py --out assets/demo-fast              # the bundled run (--minutes 40)
-    python tools/train_fast.py --out /tmp/fast --minutes 0.5 --n-train 512   # smoke test
+    python -m tools.train_fast --out assets/demo-fast              # the bundled run (--minutes 40)
+    python -m tools.train_fast --out /tmp/fast --minutes 0.5 --n-train 512   # smoke test
 
 Latent consistency distillation (Luo et al. 2023, "Latent Consistency Models", Alg. 1 with a DDIM solver):
 
@@ -18,7 +18,7 @@ The text encoder, tokenizer and VAE are the demo's (copied). The run stops at --
 whichever comes first; every --save-minutes the EMA target is written, so a cut run is usable.
 A second stage, `--method phase` (phase distillation of blended edits; tried, not bundled: docs/fewstep.md):
 
-    python tools/train_fast.py --method phase --init assets/demo-fast --out /tmp/fast-phase --minutes 22 \
+    python -m tools.train_fast --method phase --init assets/demo-fast --out /tmp/fast-phase --minutes 22 \
         --batch 64 --lr 1e-4 --ema 0.99 --save-minutes 4 --data-cache /tmp/teacher-edits.pt
 
 * the teacher makes blended edits the way the few-step model is used: `--n-cases` edit cases of training seeds
@@ -48,13 +48,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-sys.path.insert(0, str(ROOT))
-import scenes  # noqa: E402
-from train_demo import log, lr_at, nparams, to_tensor  # noqa: E402
-
-from blended.unet_call import guidance_embedding  # noqa: E402
+from blended.unet_call import guidance_embedding
+from blended_dev import ROOT, scenes
+from blended_dev.training import log, lr_at, nparams, to_tensor
 
 COND_DIM = 64  # width of the guidance embedding the student reads
 RECOMMENDED = {  # blended.json of the distilled model: picked on validation edits (bench/fewstep.py --sections tune)

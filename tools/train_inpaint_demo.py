@@ -1,7 +1,7 @@
 """A 9-channel inpainting variant of the bundled demo model: one seeded script, CPU only.
 
-    OMP_NUM_THREADS=1 python tools/train_inpaint_demo.py --out /tmp/demo-inpaint        # ~12 min, 1 thread
-    python tools/train_inpaint_demo.py --out /tmp/smoke --minutes 0.3 --n-train 500     # smoke test
+    OMP_NUM_THREADS=1 python -m tools.train_inpaint_demo --out /tmp/demo-inpaint        # ~12 min, 1 thread
+    python -m tools.train_inpaint_demo --out /tmp/smoke --minutes 0.3 --n-train 500     # smoke test
 
 The demo UNet (assets/demo) gets 5 zero-initialised input channels (the mask and the masked source's
 latents, Stable Diffusion inpainting's layout: latents, mask, masked-image latents), so at step 0 it is the
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -23,13 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-import scenes  # noqa: E402
-
-
-def log(*a):
-    print(time.strftime("%H:%M:%S"), *a, flush=True)
+from blended_dev import ROOT, scenes
+from blended_dev.training import log
 
 
 def inpaint_case(seed: int) -> tuple[np.ndarray, np.ndarray, str]:

@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image
 
 from blended import Candidate, EditConfig, InputError
+from blended.background import METHODS, PRESERVE_METHOD, get_method
+from blended.config import coerce
 from blended.images import load_image
 
 from .limits import Limits
@@ -64,42 +66,18 @@ def checked_image(src: Any, limits: Limits) -> Image.Image:
 # -- settings -----------------------------------------------------------------------------------
 
 def server_defaults(defaults: EditConfig, limits: Limits) -> EditConfig:
-    """The model's defaults brought within this server's limits (what an edit gets when it names nothing)."""
+    """The model's defaults brought within this server's limits (what an edit gets when it names nothing): the
+    candidates, the denoising steps and each background method's optimisation steps (`steps_setting`)."""
+    steps = {m.steps_setting for m in METHODS.values() if m.steps_setting} | {"num_inference_steps"}
     return defaults.replace(num_candidates=min(defaults.num_candidates, limits.max_candidates),
-                            num_inference_steps=min(defaults.num_inference_steps, limits.max_steps),
-                            decoder_steps=min(defaults.decoder_steps, limits.max_steps),
-                            latent_steps=min(defaults.latent_steps, limits.max_steps))
-
-
-def _coerce(name: str, value: Any, default: Any) -> Any:
-    """`value` as the type of the EditConfig field `name` (whose default is `default`)."""
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise InputError(f"setting '{name}' must be true or false, got {value!r}")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
-            raise InputError(f"setting '{name}' must be a whole number, got {value!r}")
-        return int(value)
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(f"setting '{name}' must be a number, got {value!r}")
-        return float(value)
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise InputError(f"setting '{name}' must be text, got {value!r}")
-        return value
-    if isinstance(default, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise InputError(f"setting '{name}' must be a list, got {value!r}")
-        return tuple(_coerce(name, v, default[0]) for v in value)
-    return value
+                            **{name: min(getattr(defaults, name), limits.max_steps) for name in sorted(steps)})
 
 
 def settings_to_config(defaults: EditConfig, settings: Optional[dict], limits: Limits,
                        rng: Optional[random.Random] = None) -> EditConfig:
     """An EditConfig from `defaults` and the UI's / API's `settings` (EditConfig field names, plus
-    `randomize_seed` and `preserve_background`), checked against the EditConfig ranges and `limits`.
+    `randomize_seed` and `preserve_background`), coerced and checked by `EditConfig.from_json`, then against
+    this server's `limits`.
 
     `randomize_seed` true draws a new seed (the returned config holds it); `preserve_background`
     true means background reconstruction by decoder fine-tuning.
@@ -111,19 +89,19 @@ def settings_to_config(defaults: EditConfig, settings: Optional[dict], limits: L
     if unknown:
         raise InputError(f"unknown setting(s) {', '.join(unknown)}; known: "
                          f"{', '.join(list(CONFIG_FIELDS) + list(EXTRA_SETTINGS))}")
-    randomize = settings.pop("randomize_seed", False)
-    preserve = settings.pop("preserve_background", False)
-    changes = {name: _coerce(name, value, getattr(defaults, name)) for name, value in settings.items()
-               if value is not None}
-    if randomize:
-        changes["seed"] = (rng or random.SystemRandom()).randrange(NEW_SEED_RANGE)
-    if preserve:
-        changes["background"] = "decoder"
-    cfg = defaults.replace(**changes)
-    try:
-        cfg.validate()
-    except ValueError as e:
-        raise InputError(str(e)) from None
+    extras = {name: settings.pop(name, None) for name in EXTRA_SETTINGS}
+    extras = {name: coerce(name, value, False) for name, value in extras.items() if value is not None}
+    cfg = EditConfig.from_json(settings, base=defaults)
+    if extras.get("randomize_seed"):
+        cfg = cfg.replace(seed=(rng or random.SystemRandom()).randrange(NEW_SEED_RANGE))
+    if extras.get("preserve_background"):
+        cfg = cfg.replace(background=PRESERVE_METHOD)
+    return within_limits(cfg, limits)
+
+
+def within_limits(cfg: EditConfig, limits: Limits) -> EditConfig:
+    """`cfg` when this server runs it (candidates, steps, resolution, a background method's own steps); else
+    InputError saying what the server allows."""
     if cfg.num_candidates > limits.max_candidates:
         raise InputError(f"{cfg.num_candidates} candidates asked; this server makes at most "
                          f"{limits.max_candidates} per edit")
@@ -132,12 +110,17 @@ def settings_to_config(defaults: EditConfig, settings: Optional[dict], limits: L
     if cfg.resolution > limits.max_resolution:
         raise InputError(f"resolution {cfg.resolution} asked; this server works regions at most "
                          f"{limits.max_resolution} px on their shorter side")
-    for method, name, what in (("decoder", "decoder_steps", "decoder fine-tuning"),
-                               ("latent", "latent_steps", "latent optimisation")):
-        steps = getattr(cfg, name)
-        if cfg.background == method and steps > limits.max_steps:
-            raise InputError(f"{steps} {what} steps asked; this server runs at most {limits.max_steps}")
+    name = get_method(cfg.background).steps_setting  # e.g. decoder_steps: the method's optimisation steps
+    if name is not None and getattr(cfg, name) > limits.max_steps:
+        raise InputError(f"{name} {getattr(cfg, name)} asked; this server runs at most {limits.max_steps} steps")
     return cfg
+
+
+def edit_config(editor: Any, settings: Optional[dict], limits: Limits,
+                rng: Optional[random.Random] = None) -> EditConfig:
+    """The settings of one edit on `editor`: the model in use's defaults, brought within `limits`, plus what the
+    user changed (`settings`). Read when the edit starts: a model loaded since brings its own defaults."""
+    return settings_to_config(server_defaults(editor.defaults, limits), settings, limits, rng)
 
 
 # -- results ------------------------------------------------------------------------------------

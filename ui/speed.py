@@ -2,36 +2,17 @@
 
 from __future__ import annotations
 
-import time
 from typing import Optional
-
-import torch
 
 from blended import EditConfig, Editor
 from blended.schedulers import steps_run
-from blended.unet_call import is_guided
+from blended.unet_call import is_guided, time_unet_call
 
 
-@torch.no_grad()
 def unet_seconds(editor: Editor) -> float:
-    """Seconds of one UNet call at the model's native size on a guided batch (2: one candidate), timed once."""
-    m = editor.model
-    unet = m.pipe.unet
-    side = unet.config.sample_size
-    latents = torch.randn(2, unet.config.in_channels, side, side, device=m.device, dtype=m.dtype)
-    states = torch.randn(2, 77, unet.config.cross_attention_dim, device=m.device, dtype=m.dtype)
-    kwargs = {}
-    if getattr(unet.config, "addition_embed_type", None) == "text_time":  # SDXL: pooled text + size conditions
-        n_time = 6
-        pooled = unet.config.projection_class_embeddings_input_dim - n_time * unet.config.addition_time_embed_dim
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, pooled, device=m.device, dtype=m.dtype),
-                                       "time_ids": torch.zeros(2, n_time, device=m.device, dtype=m.dtype)}
-    t = torch.tensor(500, device=m.device)
-    start = time.perf_counter()
-    unet(latents, t, encoder_hidden_states=states, return_dict=False, **kwargs)
-    if m.device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    """Seconds of one UNet call at the model's native size on a guided batch (2: one candidate), timed once
+    through `blended.unet_call` (the one place a UNet is called)."""
+    return time_unet_call(editor.model, guided=True)
 
 
 def edit_seconds(config: EditConfig, per_call: float, guided: Optional[bool] = None) -> float:

@@ -1,4 +1,4 @@
-"""Write the app's examples: shape scenes for the demo model (tools/scenes.py) and one photo.
+"""Write the app's examples: shape scenes for the demo model (blended_dev/scenes.py) and one photo.
 
     python assets/examples/make_examples.py
 
@@ -10,16 +10,14 @@ editor shows it as a painted stroke, and `blended` (CLI, API) reads it by its al
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from blended_dev import scenes
+
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-import scenes  # noqa: E402
 
 LAYER_RGBA = (255, 0, 255, 160)  # the painted colour; its alpha (> 50%) marks the region to edit
 

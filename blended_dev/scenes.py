@@ -4,7 +4,7 @@ A scene is a muted background (plain, linear gradient, stripes, smooth noise tex
 two-tone "ground and sky") with one to three flat, axis-aligned objects: a circle, a square
 or an upright triangle in one of six saturated colours. Backgrounds only use muted colours
 (low saturation, mid value), so every object colour stands out from every background; this
-keeps the captions unambiguous and makes the colour analyser in ``tools/analyse.py`` reliable.
+keeps the captions unambiguous and makes the colour analyser in ``analyse.py`` reliable.
 
 Seed ranges (documented in docs/demo_model.md):
 
@@ -266,7 +266,7 @@ def dataset(seeds, n_objects: int | None = None):
     return np.stack([s.image for s in scenes]), scenes
 
 
-if __name__ == "__main__":  # write a contact sheet for a quick look
+if __name__ == "__main__":  # a contact sheet for a quick look: python -m blended_dev.scenes [out.png]
     import sys
 
     out = sys.argv[1] if len(sys.argv) > 1 else "/tmp/scenes.png"

@@ -1,4 +1,4 @@
-"""A simple colour / shape analyser for the demo world (tools/scenes.py).
+"""A simple colour / shape analyser for the demo world (scenes.py).
 
 Backgrounds of the demo world only use muted colours, objects one of six saturated palette
 colours (or near-white / near-black). So:
@@ -18,10 +18,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-try:  # run as a module or as a script from the repo root
-    from . import scenes
-except ImportError:  # pragma: no cover
-    import scenes  # type: ignore
+from . import scenes
 
 COLOUR_NAMES = list(scenes.COLOURS)
 PALETTE = np.array([scenes.COLOURS[c] for c in COLOUR_NAMES], np.float32)

@@ -44,7 +44,7 @@ def official_latents(editor, image: Image.Image, mask: np.ndarray, prompt: str, 
     # the image, square at native size; its latents (the distribution's mean, scaled)
     image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
-    source_latents = editor._vae_encode(x.to(m.device))
+    source_latents = m.encode(x)
     # the mask: nearest-neighbour to the latent size, then thresholded
     small = Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255, "L").resize((size // f, size // f),
                                                                                    Image.Resampling.NEAREST)
@@ -79,7 +79,7 @@ def official_edit(editor, image: Image.Image, mask: np.ndarray, prompt: str, *, 
                   **settings) -> list[Image.Image]:
     """The script's candidates as PIL images at the image's size, ranked best first by the editor's ranker."""
     latents = official_latents(editor, image, mask, prompt, **settings)
-    decoded = editor.vae_decode(latents)
+    decoded = editor.model.decode(latents)
     arr = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     images = [Image.fromarray(a).resize(image.size, Image.Resampling.BILINEAR) if a.shape[:2] != image.size[::-1]
               else Image.fromarray(a) for a in arr]

@@ -1,9 +1,9 @@
-"""Shared pieces of the benchmarks: SD-architecture models at reduced widths, timing, memory, tables."""
+"""What the benchmarks share: parameter counts, timing, memory, Markdown tables, docs/bench/, plots, test pictures."""
 
 from __future__ import annotations
 
 import os
-import sys
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -12,39 +12,16 @@ import numpy as np
 import psutil
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+from . import ROOT
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+BEFORE_COMMIT = "12149d8"  # bench/decoder_memory.py's `before` rows measure blended/background.py as of this commit
 
 
-def sd_components(width: float = 0.25, size: int = 512, seed: int = 0, tokenizer_dir: Path = Path("/tmp/blended-bench-tok")) -> dict:
-    """The SD 1.5 graph (UNet 4 levels, 2 layers per block, cross attention at 3 levels; the SD VAE;
-    a CLIP text encoder) with channel widths scaled by `width`, random weights with a fixed seed; the
-    UNet's native resolution is `size` pixels (the engine edits at about that area)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from tiny import clip_tokenizer
-
-    torch.manual_seed(seed)
-    ch = [max(32, int(c * width) // 32 * 32) for c in (320, 640, 1280, 1280)]
-    text_dim = max(64, int(768 * width) // 64 * 64)
-    unet = UNet2DConditionModel(sample_size=size // 8, in_channels=4, out_channels=4, layers_per_block=2,
-                                block_out_channels=ch, cross_attention_dim=text_dim, attention_head_dim=8,
-                                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3).eval()
-    vch = [max(32, int(c * width) // 32 * 32) for c in (128, 256, 512, 512)]
-    vae = AutoencoderKL(block_out_channels=vch, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
-                        sample_size=512, scaling_factor=0.18215).eval()
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=text_dim, intermediate_size=4 * text_dim,
-                                      num_hidden_layers=max(2, int(12 * width)), num_attention_heads=max(1, text_dim // 64),
-                                      max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                                      pad_token_id=49407)).eval()
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1)
-    return dict(vae=vae, text_encoder=te, tokenizer=clip_tokenizer(tokenizer_dir), unet=unet, scheduler=sched)
+def have_before() -> bool:
+    """Whether this clone has BEFORE_COMMIT (a shallow one does not)."""
+    return subprocess.run(["git", "cat-file", "-e", f"{BEFORE_COMMIT}^{{commit}}"], cwd=ROOT,
+                          capture_output=True).returncode == 0
 
 
 def params(module: torch.nn.Module) -> float:
