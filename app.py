@@ -5,8 +5,9 @@
     python app.py --model path/to/sd-folder --device cuda --dtype fp16 --port 7860
 
 Limits come from the environment: BLENDED_MAX_UPLOAD_MB, BLENDED_MAX_PIXELS, BLENDED_MAX_CANDIDATES,
-BLENDED_MAX_STEPS, BLENDED_MAX_RESOLUTION, BLENDED_CONCURRENCY, BLENDED_MAX_QUEUE (see docs/app.md); the model picker lists
-BLENDED_MODELS_DIR (diffusers folders, .safetensors checkpoints and LoRAs; docs/models.md).
+BLENDED_MAX_STEPS, BLENDED_MAX_RESOLUTION, BLENDED_CONCURRENCY, BLENDED_MAX_QUEUE, BLENDED_MAX_MODELS,
+BLENDED_LINK_DAYS (see docs/app.md); the model picker lists BLENDED_MODELS_DIR (diffusers folders, .safetensors
+checkpoints and LoRAs; docs/models.md), and each browser session's pick is loaded into the server's model cache.
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--host", default=None, help="address to listen on (default: gradio's, 127.0.0.1 or "
                                                  "$GRADIO_SERVER_NAME)")
     ap.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or $GRADIO_SERVER_PORT)")
-    ap.add_argument("--share", action="store_true", help="also serve through a temporary public gradio.live link")
+    ap.add_argument("--share", action="store_true", help="also serve through a temporary public gradio.live link "
+                    "(implies --shared)")
+    ap.add_argument("--shared", action="store_true", help="visitors may load only the listed models and LoRAs "
+                    "(presets, this server's model, BLENDED_MODELS_DIR): on by itself on a Hugging Face Space")
     ap.add_argument("--segmenter", default=None, help="what selects objects from clicks: grabcut, none, or a Segment "
                     "Anything hub id or folder (default: $BLENDED_SEGMENTER, else facebook/sam-vit-base, falling back "
                     "to grabcut)")
@@ -61,16 +65,12 @@ def load_editor(model: str, device, dtype, **options):
         raise SystemExit(f"blended: {e}") from None
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    from ui import Limits, create_demo, is_demo_model
-    from ui.zerogpu import on_zerogpu
+def build(args: argparse.Namespace, limits):
+    """The Blocks around the server's model. The model is held by the app's model cache alone (nothing here keeps
+    it once this returns), so the cache can drop it like any other and load it again (`BLENDED_MAX_MODELS`)."""
+    from blended.models.cache import ModelKey
+    from ui import create_demo, is_demo_model
 
-    try:
-        limits = Limits.from_env()
-    except ValueError as e:
-        raise SystemExit(f"blended: {e}") from None
-    on_zerogpu()  # imports `spaces` on ZeroGPU before any CUDA work, as it requires
     editor, notice = load_editor(args.model, args.device, args.dtype, vae=args.vae, loras=args.loras,
                                  prediction_type=args.prediction_type)
     speed = None
@@ -85,8 +85,22 @@ def main(argv=None) -> None:
 
     segmenter, segmenter_note = load_segmenter(args.segmenter)
     print(f"blended: {segmenter_note}", file=sys.stderr)
-    demo = create_demo(editor, limits=limits, notice=notice, speed=speed, segmenter=segmenter,
-                       segmenter_note=segmenter_note)
+    key = ModelKey.of(editor.model, None if notice else args.prediction_type)  # how to load it again if dropped
+    return create_demo(editor, limits=limits, notice=notice, speed=speed, segmenter=segmenter,
+                       segmenter_note=segmenter_note, shared=args.shared or args.share or None, model_key=key)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from ui import Limits
+    from ui.zerogpu import on_zerogpu
+
+    try:
+        limits = Limits.from_env()
+    except ValueError as e:
+        raise SystemExit(f"blended: {e}") from None
+    on_zerogpu()  # imports `spaces` on ZeroGPU before any CUDA work, as it requires
+    demo = build(args, limits)
     demo.queue(max_size=limits.max_queue, default_concurrency_limit=limits.concurrency)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share,
                 max_file_size=f"{limits.max_upload_mb}mb",

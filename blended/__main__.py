@@ -1,4 +1,4 @@
-"""Command line: python -m blended edit --image IMG --mask MASK --prompt TEXT [options], and
+"""Command line: python -m blended edit --image IMG --mask MASK --prompt TEXT [options] (or --from RESULT.png), and
 python -m blended batch JOBS.jsonl --out DIR [options] (many edits from a manifest: blended/batch.py)."""
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ FLAGS = {
                                "UNet sees, 1 = with the mask's pixels blanked (the hole), 0 = the whole source"),
     "mask_blur": ("--mask-blur", float, "fade the edit into the image over a Gaussian blur of the mask's edge of this "
                   "many pixels, outwards (0 = the --feather band)"),
+    "remove_strength": ("--remove-strength", float, "--remove: the fraction of the schedule run from the pre-fill, "
+                        "in [0, 1]; 0 = the pre-fill alone, no diffusion"),
+    "remove_fill": ("--remove-fill", str, "--remove: how the hole is pre-filled from its surroundings, telea or ns"),
 }
 
 
@@ -59,11 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unselect", default=None, metavar="X,Y[,X,Y...]",
                    help="negative clicks: pixels that are not part of the object")
     p.add_argument("--select-box", default=None, metavar="L,T,R,B", help="select the object inside this box")
+    p.add_argument("--select-text", default=None, metavar="TEXT", help="select the object these words name (\"the red "
+                   "circle\") instead of --mask; --select / --unselect clicks refine it, --select-box restricts it")
+    p.add_argument("--text-segmenter", default=None, help="demo, none, or a CLIPSeg hub id or folder (default: "
+                   "$BLENDED_TEXT_SEGMENTER, else demo for the demo models, else CIDAS/clipseg-rd64-refined)")
     p.add_argument("--segmenter", default=None, help="grabcut, none, or a Segment Anything hub id or folder "
                    "(default: $BLENDED_SEGMENTER, else facebook/sam-vit-base, else grabcut)")
     p.add_argument("--multi-mask", action="store_true", help="edit with several masks (SAM's three for one click, "
                    "else the mask grown by 0, 10 and 20 %% of its size), the candidates split over them and ranked together")
-    p.add_argument("--prompt", required=True, help="what should appear inside the mask")
+    p.add_argument("--prompt", default=None, help="what should appear inside the mask (required unless --from or "
+                   "--remove; with --remove, what the region looks like without the object)")
+    p.add_argument("--from", dest="from_png", default=None, metavar="RESULT.png",
+                   help="repeat the edit a result PNG records (blended's, or A1111's parameters): its prompt, negative "
+                   "prompt, settings and seed, 1 candidate, its model unless --model; any other flag wins")
     _add_edit_options(p)
     p.add_argument("--out", default="outputs", help="folder for 01.png, 02.png, ... and result.json")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -93,6 +104,9 @@ def _add_edit_options(p: argparse.ArgumentParser) -> None:
                    help="read the mask's grey levels (or alpha), and --mask-blur's soft edge, as edit strengths in "
                    "the denoising loop: weak pixels change only in the last steps and are mixed with the image "
                    "(instead of thresholding the mask)")
+    p.add_argument("--remove", dest="remove", action="store_const", const=True, default=None,
+                   help="remove what the mask covers, no prompt needed: the hole is pre-filled from its surroundings "
+                   "and harmonised by a short diffusion (docs/remove.md)")
     p.add_argument("--no-rank", dest="rank", action="store_const", const=False, default=None,
                    help="skip CLIP ranking (candidates stay in seed order)")
     p.add_argument("--no-safety-checker", dest="safety_checker", action="store_const", const=False, default=None,
@@ -116,7 +130,8 @@ def _add_edit_options(p: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    names = list(FLAGS) + ["shrink", "invert_mask", "soft_mask", "rank", "safety_checker", "inpainting_conditioning"]
+    names = list(FLAGS) + ["shrink", "invert_mask", "soft_mask", "rank", "safety_checker", "inpainting_conditioning",
+                           "remove"]
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
@@ -147,14 +162,15 @@ def run_edit(args: argparse.Namespace) -> int:
     from .images import load_image
     from .masks import EditMasks
 
-    overrides = _overrides(args)
+    args, overrides = _with_recipe(args)
     # check what the user gave before spending time on the model: the image and the mask are read here, once
     EditConfig().replace(**overrides).checked()
     source = load_image(args.image)
-    values = _masks(args, source)  # [(label, (H, W) mask values)]: one, or several with --multi-mask
+    values, how = _masks(args, source)  # [(label, (H, W) mask values)]: one, or several with --multi-mask
     for _, v in values:
         EditMasks.from_values(v, EditConfig().replace(**overrides))  # an empty mask is refused before the load
-    if not args.prompt.strip():
+    prompt = args.prompt or ""
+    if not prompt.strip() and not overrides.get("remove"):
         raise InputError("the prompt is empty: describe what should appear inside the mask")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -166,10 +182,10 @@ def run_edit(args: argparse.Namespace) -> int:
     if len(masks) > 1:
         from .multimask import edit_masks
 
-        result = edit_masks(editor, source, masks, args.prompt, config, progress=_progress(args.quiet))
+        result = edit_masks(editor, source, masks, prompt, config, progress=_progress(args.quiet))
     else:
-        result = editor.edit(source, masks[0][1], args.prompt, config, progress=_progress(args.quiet))
-    result.save(out)
+        result = editor.edit(source, masks[0][1], prompt, config, progress=_progress(args.quiet))
+    result.save(out, extra={"mask_source": how} if how else None)  # how a selected mask was made
     if args.mask is None:  # the selected mask(s), to reuse with --mask
         from PIL import Image
 
@@ -183,47 +199,79 @@ def run_edit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _masks(args: argparse.Namespace, source) -> list:
+def _with_recipe(args: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
+    """(args, EditConfig overrides): the flags given, over what `--from RESULT.png` records (`blended.pnginfo`): its
+    prompt, negative prompt, settings and seed, one candidate, its model where --model is not given."""
+    overrides = _overrides(args)
+    if args.from_png is None:
+        if args.prompt is None and not overrides.get("remove"):  # a removal needs no prompt
+            raise InputError("give --prompt TEXT (what should appear inside the mask), or --from RESULT.png")
+        return args, overrides
+    from .pnginfo import read_recipe
+
+    recipe = read_recipe(args.from_png)
+    changes = {"prompt": recipe.prompt if args.prompt is None else args.prompt}
+    if args.model is None and recipe.model:
+        changes["model"] = recipe.model
+        if not args.quiet:
+            sys.stderr.write(f"note: the model {recipe.model!r} recorded in {Path(args.from_png).name}\n")
+    for note in recipe.notes:
+        sys.stderr.write(f"note: {note}\n")
+    merged = {**recipe.settings, "negative_prompt": recipe.negative_prompt, "num_candidates": 1, **overrides}
+    return argparse.Namespace(**{**vars(args), **changes}), merged
+
+
+def _masks(args: argparse.Namespace, source) -> tuple[list, Optional[dict]]:
     """[(label, (H, W) float32 mask values in [0, 1])] from --mask (read once) or from --select / --unselect /
-    --select-box (a segmenter), several with --multi-mask."""
+    --select-box / --select-text (a segmenter), several with --multi-mask; and how a selection made them (None
+    for --mask)."""
     import numpy as np
 
     from .images import load_mask_values
     from .multimask import mask_variants
 
-    selecting = args.select is not None or args.select_box is not None or args.unselect is not None
+    selecting = args.select is not None or args.select_box is not None or args.unselect is not None or \
+        args.select_text is not None
     if args.mask is not None and selecting:
-        raise InputError("give either --mask or a selection (--select, --unselect, --select-box), not both")
+        raise InputError("give either --mask or a selection (--select, --unselect, --select-box, --select-text), "
+                         "not both")
+    how = None
     if args.mask is not None:
         values = load_mask_values(args.mask, source.size)
         if not args.multi_mask:
-            return [("", values)]
+            return [("", values)], None
         if not (values > EditConfig.mask_threshold).any():
             raise InputError("the mask is empty: paint the region to edit (white or opaque = edit)")
         found = mask_variants(values > EditConfig.mask_threshold)
     elif not selecting:
-        raise InputError("give the region to edit: --mask MASK, or --select X,Y (clicks) or --select-box L,T,R,B")
+        raise InputError("give the region to edit: --mask MASK, or --select X,Y (clicks), --select-box L,T,R,B or "
+                         "--select-text WORDS")
     else:
-        found = _selected(args, source)
-    return [(label, np.asarray(m, bool).astype(np.float32)) for label, m in found]
+        found, how = _selected(args, source)
+    return [(label, np.asarray(m, bool).astype(np.float32)) for label, m in found], how
 
 
-def _selected(args: argparse.Namespace, source) -> list:
-    """[(label, bool mask)] from --select / --unselect / --select-box and the segmenter."""
+def _selected(args: argparse.Namespace, source) -> tuple[list, dict]:
+    """([(label, bool mask)], how) from --select / --unselect / --select-box / --select-text and the segmenter(s)."""
     from .multimask import selection_variants
-    from .select import Selection, load_segmenter, parse_box, parse_points, select_mask
+    from .select import Selection, describe, load_segmenter, load_text_segmenter, parse_box, parse_points, select_mask
 
-    selection = Selection(box=parse_box(args.select_box) if args.select_box is not None else None)
+    if args.select_text is not None and not args.select_text.strip():
+        raise InputError("--select-text is empty: give the words that name the object, e.g. \"the red circle\"")
+    selection = Selection(box=parse_box(args.select_box) if args.select_box is not None else None,
+                          text=(args.select_text or "").strip())
     for flag, positive in ((args.select, True), (args.unselect, False)):
         for x, y in parse_points(flag, "--select" if positive else "--unselect") if flag is not None else []:
             selection = selection.add(x, y, positive)
-    selection.check(source.size)
+    selection.check(source.size, words=True)
     segmenter, note = load_segmenter(args.segmenter)
+    if selection.text:  # words: the text segmenter, refined by the click/box one
+        segmenter, note = load_text_segmenter(args.text_segmenter, refiner=segmenter, model=args.model)
     if not args.quiet:
         sys.stderr.write(f"note: {note}\n")
     if args.multi_mask:
-        return selection_variants(segmenter, source, selection)
-    return [("", select_mask(segmenter, source, selection)[0])]
+        return selection_variants(segmenter, source, selection), describe(selection, segmenter)
+    return [("", select_mask(segmenter, source, selection)[0])], describe(selection, segmenter)
 
 
 def run_batch_command(args: argparse.Namespace) -> int:

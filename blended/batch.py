@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional
 from .config import EditConfig
 from .errors import EditCancelled, InputError, ModelLoadError, OutOfMemory
 
-JOB_KEYS = ("id", "image", "mask", "prompt", "loras")
+JOB_KEYS = ("id", "image", "mask", "prompt", "loras", "select_text")
 SETTINGS = {f.name: f for f in dataclasses.fields(EditConfig)}
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # one folder name, never a path
 HASH_VERSION = 2  # 2: the model key holds the VAE and the LoRAs' digests and weights; bump when what the hash covers changes, so old results are redone
@@ -52,17 +52,19 @@ class Job:
     line: int  # 1-based line number in the manifest
     id: str  # output folder name under DIR
     image: Path  # resolved against the manifest's folder
-    mask: Path
+    mask: Optional[Path]  # None when `select_text` names the object instead
     prompt: str
     settings: dict[str, Any]  # EditConfig fields as written on the line (checked when the job runs)
     loras: Optional[tuple] = None  # the job's own LoRAs (LoraSpec, paths resolved); None = the command's --lora
+    select_text: str = ""  # words naming the object to edit, instead of a mask (the text segmenter selects it)
 
 
 # -- the manifest ------------------------------------------------------------------------------------
 
 
-def read_manifest(path: str | Path) -> list[Job]:
-    """Parse a JSONL manifest; raise ManifestError naming the line of the first problem."""
+def read_manifest(path: str | Path, remove: bool = False) -> list[Job]:
+    """Parse a JSONL manifest; raise ManifestError naming the line of the first problem. A removal (the line's
+    `remove`, else `remove`: the command's --remove) needs no prompt."""
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"the manifest {path} does not exist" if not path.exists()
@@ -85,11 +87,17 @@ def read_manifest(path: str | Path) -> list[Job]:
         if not isinstance(obj, dict):
             raise ManifestError(f"{where}: a job is a JSON object {{\"image\": ..., \"mask\": ..., \"prompt\": ...}}, "
                                 f"got {type(obj).__name__}")
-        for key in ("image", "mask", "prompt"):
+        removal = obj.get("remove", remove) is True  # blended/remove.py: the prompt may be left out or empty
+        if removal and not isinstance(obj.get("prompt", ""), str):
+            raise ManifestError(f"{where}: 'prompt' must be a string")
+        for key in ("image",) + (() if "select_text" in obj else ("mask",)) + (() if removal else ("prompt",)):
             if key not in obj:
-                raise ManifestError(f"{where}: '{key}' is missing (a job needs image, mask and prompt)")
+                raise ManifestError(f"{where}: '{key}' is missing (a job needs image, mask or select_text, and prompt)")
             if not isinstance(obj[key], str) or not obj[key].strip():
                 raise ManifestError(f"{where}: '{key}' must be a non-empty string")
+        if "select_text" in obj and ("mask" in obj or not isinstance(obj["select_text"], str)
+                                     or not obj["select_text"].strip()):
+            raise ManifestError(f"{where}: 'select_text' is a non-empty string naming the object, given instead of 'mask'")
         unknown = [k for k in obj if k not in JOB_KEYS and k not in SETTINGS]
         if unknown:
             close = difflib.get_close_matches(unknown[0], list(JOB_KEYS) + list(SETTINGS), n=1)
@@ -104,7 +112,10 @@ def read_manifest(path: str | Path) -> list[Job]:
         if job_id in seen:
             raise ManifestError(f"{where}: id '{job_id}' is already used on line {seen[job_id]}")
         seen[job_id] = n
-        jobs.append(Job(line=n, id=job_id, image=base / obj["image"], mask=base / obj["mask"], prompt=obj["prompt"],
+        jobs.append(Job(line=n, id=job_id, image=base / obj["image"],
+                        mask=base / obj["mask"] if "mask" in obj else None,
+                        select_text=obj.get("select_text", "").strip(),
+                        prompt=obj.get("prompt", ""),
                         settings={k: v for k, v in obj.items() if k in SETTINGS},
                         loras=_job_loras(obj["loras"], base, where) if "loras" in obj else None))
     if not jobs:
@@ -153,9 +164,19 @@ def _file_digest(path: Path, what: str, cache: Optional[dict] = None) -> str:
 def settings_hash(job: Job, config: EditConfig, model: str, cache: Optional[dict] = None) -> str:
     """What made a job's images: model, prompt, every setting and the bytes of image and mask (not their paths).
     `cache` keeps file digests across jobs that share a file (one mask for a whole folder)."""
-    payload = {"version": HASH_VERSION, "model": model, "prompt": job.prompt, "settings": config.to_dict(),
-               "image": _file_digest(job.image, "image", cache), "mask": _file_digest(job.mask, "mask", cache)}
+    payload = {"version": HASH_VERSION, "model": model, "prompt": job.prompt, "settings": hashed_settings(config),
+               "image": _file_digest(job.image, "image", cache),
+               "mask": _file_digest(job.mask, "mask", cache) if job.mask is not None
+               else {"select_text": job.select_text}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def hashed_settings(config: EditConfig) -> dict[str, Any]:
+    """The settings the hash covers: every field, except one added after HASH_VERSION 2 (its metadata names the
+    issue that added it, `metadata={"added": N}`) while it holds its default, so a new setting does not redo
+    every finished job."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if "added" not in f.metadata or getattr(config, f.name) != f.default}
 
 
 def model_key(model: Any) -> str:
@@ -198,8 +219,13 @@ def run_job(editor: Any, job: Job, config: EditConfig, digest: str, out: Path) -
     """Edit one job and write DIR/<id>/; return its summary row (status ok or error, never raises InputError)."""
     t0 = time.perf_counter()
     folder = out / job.id
+    how = None  # how a selected mask was made
     try:
-        result = editor.edit(str(job.image), str(job.mask), job.prompt, config)
+        if job.mask is None:
+            from .select import select_by_text
+
+            mask, how = select_by_text(str(job.image), job.select_text, model=getattr(editor.model, "name", None))
+        result = editor.edit(str(job.image), str(job.mask) if job.mask is not None else mask, job.prompt, config)
     except (InputError, OutOfMemory) as e:
         return _row(job, "error", str(e), None, time.perf_counter() - t0)
     except (EditCancelled, KeyboardInterrupt):
@@ -208,9 +234,11 @@ def run_job(editor: Any, job: Job, config: EditConfig, digest: str, out: Path) -
         return _row(job, "error", f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
                     None, time.perf_counter() - t0)
     seconds = time.perf_counter() - t0
-    result.save(folder, extra={"job": {"id": job.id, "line": job.line, "image": str(job.image), "mask": str(job.mask),
+    result.save(folder, extra={"job": {"id": job.id, "line": job.line, "image": str(job.image),
+                                       "mask": str(job.mask) if job.mask is not None else None,
+                                       **({"select_text": job.select_text} if job.select_text else {}),
                                        "prompt": job.prompt, "settings": job.settings, "seconds": round(seconds, 3)},
-                               "settings_hash": digest})
+                               "settings_hash": digest, **({"mask_source": how} if how else {})})
     message = "; ".join(result.notes)
     return _row(job, "ok", message, result.candidates[0].score if result.candidates else None, seconds)
 
@@ -284,7 +312,7 @@ def run_batch(manifest: str | Path, out: str | Path, *, overrides: dict[str, Any
 
     out = Path(out)
     try:
-        jobs = read_manifest(manifest)
+        jobs = read_manifest(manifest, remove=overrides.get("remove") is True)
         EditConfig().replace(**overrides).checked()
         if out.exists() and not out.is_dir():
             raise InputError(f"--out {out} exists and is not a folder")

@@ -19,6 +19,7 @@ BACKGROUND_METHODS = ("none", "stitch", "poisson", "latent", "decoder")
 DECODER_LOSSES = ("window", "band")  # where `decoder` fits the decode (blended.background.shown)
 DECODER_SCHEDULES = ("constant", "linear", "cosine")  # learning rate over `decoder_steps` (blended.background.lr_factor)
 SCHEDULERS = ("ddim", "dpm++", "euler", "euler-a", "lcm", "tcd")  # the last three: few-step models (docs/fewstep.md)
+REMOVE_FILLS = ("telea", "ns")  # `remove_fill`: OpenCV's inpainting methods (blended.remove.prefill)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,10 @@ class EditConfig:
     inpainting_conditioning: bool = True  # 9-channel inpainting UNets: give them the mask and masked source (False: zeros, the UNet runs as text-to-image); the latent blend runs either way
     rank: bool = True  # score candidates with CLIP and sort them best first
     safety_checker: bool = True  # run the checkpoint's safety checker where it has one
+    # -- removal (issue 29: blended/remove.py, docs/remove.md); "added" keeps old batch results' hashes --
+    remove: bool = dataclasses.field(default=False, metadata={"added": 29})  # remove what the mask covers, no prompt needed: the hole pre-filled from its surroundings (`remove_fill`), the loop started from it at `remove_strength` with the prompt (may be empty) as a background prompt, the candidates ranked by how little object is left
+    remove_strength: float = dataclasses.field(default=0.2, metadata={"added": 29})  # `remove`: the fraction of the schedule run from the noised pre-fill (the loop's blend_start is 1 - this, `blend_start` is not used); 0 = the pre-fill alone, no diffusion
+    remove_fill: str = dataclasses.field(default="telea", metadata={"added": 29})  # `remove`: how the hole is pre-filled, one of REMOVE_FILLS: "telea" (fast marching) or "ns" (Navier-Stokes), OpenCV's cv2.inpaint
 
     def replace(self, **changes: Any) -> "EditConfig":
         """A copy with `changes` applied; unknown names raise TypeError."""
@@ -114,6 +119,8 @@ class EditConfig:
             (0.0 <= self.inpainting_mask_weight <= 1.0, "inpainting_mask_weight must be in [0, 1]"),
             (1 <= self.latent_steps <= 1000, "latent_steps must be between 1 and 1000"),
             (0.0 < self.latent_lr <= 10.0, "latent_lr must be in (0, 10]"),
+            (0.0 <= self.remove_strength <= 1.0, "remove_strength must be in [0, 1]"),
+            (self.remove_fill in REMOVE_FILLS, f"remove_fill must be one of {', '.join(REMOVE_FILLS)}"),
         ]
         checks += [(isinstance(getattr(self, f.name), bool), f"{f.name} must be true or false")
                    for f in dataclasses.fields(self) if isinstance(f.default, bool)]

@@ -23,6 +23,7 @@ from .fewstep import recommended_for_lora, recommended_for_model
 from .images import DEFAULT_MAX_PIXELS, ImageLike, Region, composite, crop_to_work, load_image, paste_back, plan_region
 from .masks import EditMasks, WorkMasks, latent_strength, mask_schedule
 from .models import DEFAULT_MODEL, LoadedModel, load_model
+from .remove import loop_start, prefill_only, prefilled, removal_ranker
 from .result import Candidate, EditResult
 from .sampler import blend_loop
 from .schedulers import schedule, step_kwargs
@@ -79,6 +80,7 @@ class _Run:
     image: Optional[Image.Image] = None  # the region at work size
     work: Optional[WorkMasks] = None
     x_source: Optional[torch.Tensor] = None  # (1, 3, h, w) in [-1, 1]
+    x_fill: Optional[torch.Tensor] = None  # `remove`: the pre-filled region (1, 3, h, w) in [-1, 1]
     flagged: list[bool] = field(default_factory=list)  # per candidate: the safety checker flagged it
 
     def lap(self, stage: str) -> None:
@@ -145,7 +147,7 @@ class Editor:
         train_steps = int(getattr(self.model.pipe.scheduler.config, "num_train_timesteps", 1000))
         if cfg.num_inference_steps >= train_steps:
             raise InputError(f"num_inference_steps must be below the model's {train_steps} training timesteps")
-        if not isinstance(prompt, str) or not prompt.strip():
+        if not isinstance(prompt, str) or not (prompt.strip() or cfg.remove):  # a removal needs no prompt
             raise InputError("the prompt is empty: describe what should appear inside the mask")
         source = load_image(image, max_pixels=self.max_pixels)
         return source, self.read_masks(mask, source.size, cfg), prompt.strip()
@@ -162,7 +164,8 @@ class Editor:
             mask: same size as `image`; white or opaque pixels (above `config.mask_threshold`) are
                 edited, black or transparent ones kept (`invert_mask` swaps them). Or an `EditMasks` read
                 for this image with the edit's mask settings (`Editor.read_masks`).
-            prompt: what should appear inside the mask.
+            prompt: what should appear inside the mask; with `config.remove`, what the region should look like
+                once the object is gone (may be empty; `blended.remove`).
             config: the settings; default `self.defaults`. `overrides` replace single fields.
             progress: called with (stage, done, total) as the edit advances.
             should_stop: polled before every denoising step; returning True raises `EditCancelled`.
@@ -195,12 +198,15 @@ class Editor:
         self._inputs(run)  # 1.
         z_init, cond = self._encode(run)  # 2.
         timesteps, masks, cond = self._latent_masks(run, cond)  # 3.
+        if run.cfg.remove:  # the loop starts from (and blends with) the hole pre-filled from its surroundings
+            z_init, run.x_fill = prefilled(self.model, run.image, run.work.support, z_init, masks[-1], run.cfg)
         latents, decoded, stats = self._denoise(run, z_init, cond, masks, timesteps, preview, preview_every)  # 4-5.
         decoded = self._background(run, latents, decoded, stats)  # 6.
         candidates = self._composite(run, decoded)  # 7.
         if run.cfg.rank and self.ranker is not None and len(candidates) > 1:  # 8.
             run.report("ranking", 0, 1)
-            self.rank(candidates, run.masks.target, run.prompt, run.notes)
+            ranker = removal_ranker(self.ranker, run.source, run.cfg)  # a removal: how little object is left
+            self.rank(candidates, run.masks.target, run.prompt, run.notes, ranker)
             run.lap("rank")
         candidates.sort(key=lambda c: c.filtered)  # stable: flagged candidates go last, the order stays
         run.timings["total"] = sum(run.timings.values())
@@ -236,7 +242,7 @@ class Editor:
         """3. The timesteps after `blend_start` and one latent mask per step (soft thresholds, shrinking, the
         core); a 9-channel UNet's conditioning gets the mask and the masked source."""
         m, cfg, work = self.model, run.cfg, run.work
-        timesteps = schedule(m.pipe, cfg.scheduler, cfg.num_inference_steps, cfg.blend_start)[2]
+        timesteps = schedule(m.pipe, cfg.scheduler, cfg.num_inference_steps, loop_start(cfg))[2]
         z_mask = latent_strength(work.strength, m.vae_scale_factor, cfg.latent_mask_mode)  # (1, 1, h, w)
         if not z_mask.any():  # "core" of a mask too thin to have one
             z_mask = latent_strength(work.strength, m.vae_scale_factor, "any")
@@ -254,6 +260,8 @@ class Editor:
 
         m, cfg = self.model, run.cfg
         seeds = run.seeds
+        if prefill_only(cfg):  # `remove_strength` 0: the pre-fill is every candidate, no loop, no decode
+            return None, run.x_fill.expand(len(seeds), -1, -1, -1), None
         chunks = [seeds[i:i + cfg.batch_size] for i in range(0, len(seeds), cfg.batch_size)]
         stats = DecodeStats(m.pipe.vae) if get_method(cfg.background).needs_stats else None
         previewer = None
@@ -288,7 +296,7 @@ class Editor:
         from .preview import predicted_x0
 
         m, cfg = self.model, run.cfg
-        sched, noiser, _ = schedule(m.pipe, cfg.scheduler, cfg.num_inference_steps, cfg.blend_start, m.device)
+        sched, noiser, _ = schedule(m.pipe, cfg.scheduler, cfg.num_inference_steps, loop_start(cfg), m.device)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
         def draw() -> torch.Tensor:  # (B, C, h, w)
@@ -326,7 +334,7 @@ class Editor:
         run.flagged = self._safety(decoded) if cfg.safety_checker else [False] * len(run.seeds)
         run.lap("safety")
         pixel_mask = torch.from_numpy(run.work.support.astype(np.float32))[None, None].to(self.model.device)
-        if method.keeps_outside:
+        if method.keeps_outside and latents is not None:  # None: the pre-fill alone, the source outside already
             run.report("reconstructing", 0, 1)
             try:
                 decoded = reconstruct(cfg.background, vae=self.model.pipe.vae, latents=latents, decoded=decoded,
@@ -379,11 +387,13 @@ class Editor:
         _, flagged = pipe.run_safety_checker(arr, self.model.device, self.model.dtype)
         return [bool(f) for f in flagged] if flagged is not None else [False] * images.shape[0]
 
-    def rank(self, candidates: list[Candidate], mask: np.ndarray, prompt: str, notes: list[str]) -> None:
-        """Score `candidates` with the ranker on `mask` ((H, W) bool, the asked region) and sort them best first,
-        in place. A ranker that cannot load leaves the seed order and adds a note (an edit beats no edit)."""
+    def rank(self, candidates: list[Candidate], mask: np.ndarray, prompt: str, notes: list[str],
+             ranker: Any = None) -> None:
+        """Score `candidates` with `ranker` (default the Editor's) on `mask` ((H, W) bool, the asked region) and sort
+        them best first, in place. A ranker that cannot load leaves the seed order and adds a note (an edit beats
+        no edit)."""
         try:
-            all_scores = self.ranker.score([c.image for c in candidates], mask, prompt)
+            all_scores = (ranker or self.ranker).score([c.image for c in candidates], mask, prompt)
         except ModelLoadError as e:
             notes.append(f"ranking skipped: {e}")
             return

@@ -11,6 +11,7 @@ from .config import EditConfig
 from .editor import EditResult, Editor, Progress
 from .errors import InputError
 from .images import DEFAULT_MAX_PIXELS, ImageLike, load_image
+from .remove import removal_ranker
 from .select import grow
 
 VARIANT_GROWS = (0.0, 0.1, 0.2)  # the variants of one mask grow by these fractions of its size (sqrt of its area)
@@ -97,7 +98,7 @@ def edit_masks(editor: Editor, image: ImageLike, masks: Sequence[tuple[str, Any]
         union = np.zeros(source.size[::-1], bool)
         for _, prepared in results:
             union |= prepared.target
-        editor.rank(candidates, union, prompt, notes)
+        editor.rank(candidates, union, prompt, notes, removal_ranker(editor.ranker, source, cfg))
     candidates.sort(key=lambda c: c.filtered)
     return EditResult(candidates=candidates, prompt=first.prompt, config=cfg, model=first.model, timings=timings,
                       region=first.region, notes=notes, model_info=first.model_info)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from .config import EditConfig
 from .images import Region
+from .pnginfo import png_info
 
 
 @dataclass
@@ -67,14 +68,15 @@ class EditResult:
         }
 
     def save(self, folder: str | Path, extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-        """Write `folder/01.png, 02.png, ...` (best first) and `folder/result.json` (`to_json`, the files, and
-        `extra`); return what result.json holds. result.json is written last, atomically: a folder that has it
+        """Write `folder/01.png, 02.png, ...` (best first), each with its parameters inside (`blended.pnginfo`:
+        A1111's infotext and this candidate's record), and `folder/result.json` (`to_json`, the files, and `extra`);
+        return what result.json holds. result.json is written last, atomically: a folder that has it
         is complete. Numbered PNGs of an earlier, larger result are removed."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "result.json").unlink(missing_ok=True)
-        for name, cand in zip(self.files, self.candidates):
-            cand.image.save(folder / name)
+        for i, (name, cand) in enumerate(zip(self.files, self.candidates)):
+            cand.image.save(folder / name, pnginfo=png_info(self, i))  # A1111's `parameters` and our record
         for stale in folder.glob("[0-9][0-9].png"):
             if stale.name not in self.files:
                 stale.unlink()

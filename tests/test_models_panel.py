@@ -5,7 +5,7 @@ from conftest import box_mask, scene
 from blended_dev.ldm_layout import write_single_file
 from test_lora import make_lora
 
-from ui.models_panel import ModelSlot, load_into
+from ui.models_panel import ServerModels, load_for_session
 
 EDIT = dict(num_inference_steps=2, num_candidates=1, rank=False, guidance_scale=3.0)
 
@@ -30,19 +30,26 @@ def test_scan_tells_models_loras_and_vaes_apart(tiny_dirs, tmp_path):
 
 
 def test_a_failed_load_keeps_the_model_and_a_lora_leaves_no_residue(tiny_dirs, sd1_editor, tmp_path):
-    slot = ModelSlot(sd1_editor)
+    """A session's failed load changes nothing; a LoRA is part of the loaded model (its own cache entry), so the
+    model without it edits exactly as before."""
+    server = ServerModels(sd1_editor, max_models=3)
     args = (scene(32, 32), box_mask(32, 32, (8, 8, 24, 24)), "a cat")
-    base = np.asarray(slot.edit(*args, **EDIT).images[0])
+    base = np.asarray(sd1_editor.edit(*args, **EDIT).images[0])
     bad = tmp_path / "bad.safetensors"
     bad.write_text("not a model")
-    status = load_into(slot, str(bad))
-    assert status.startswith("**Could not load it:**") and "not a safetensors file" in status
-    assert slot.current is sd1_editor
+    key, status = load_for_session(server, str(bad))
+    assert key is None and status.startswith("**Could not load it:**") and "not a safetensors file" in status
+    assert server.cache.keys() == [server.default_key]
     lora = make_lora(tiny_dirs["sd1"], tmp_path / "lora")
-    assert load_into(slot, str(tiny_dirs["sd1"]), [str(lora)], 1.0).startswith("In use:")
-    assert slot.model.loras and not np.array_equal(np.asarray(slot.edit(*args, **EDIT).images[0]), base)
-    assert load_into(slot, str(tiny_dirs["sd1"]), [], 1.0).startswith("In use:")
-    assert not slot.model.loras and np.array_equal(np.asarray(slot.edit(*args, **EDIT).images[0]), base)
+    key, status = load_for_session(server, str(tiny_dirs["sd1"]), [str(lora)], 1.0)
+    assert key is not None and status.startswith("In use in this session:") and "LoRA pytorch_lora_weights" in status
+    with server.acquire(key) as editor:
+        assert editor.model.loras and not np.array_equal(np.asarray(editor.edit(*args, **EDIT).images[0]), base)
+    key, _ = load_for_session(server, str(tiny_dirs["sd1"]), [], 1.0)
+    assert key == server.default_key  # the same model without LoRAs: the server's own, not loaded again
+    with server.acquire(key) as editor:
+        assert editor is sd1_editor and np.array_equal(np.asarray(editor.edit(*args, **EDIT).images[0]), base)
+    assert len(server.cache) == 2
 
 
 def test_the_app_shows_the_picker(sd1_editor, tmp_path):
@@ -66,21 +73,22 @@ def test_app_flags_load_a_lora_and_fall_back_with_a_notice(tiny_dirs, tmp_path):
 
 
 def test_loading_a_few_step_model_brings_its_settings(tmp_path):
-    """The picker's swap to demo-fast sets the Settings to its 4 LCM steps; a failed load changes nothing."""
+    """A session's load of demo-fast sets its Settings to 4 LCM steps; a failed load gives no key (nothing changes)."""
     from blended import Editor
     from ui.settings_panel import MODEL_SETTINGS, model_settings
     from ui.limits import Limits
 
-    slot, limits = ModelSlot(Editor.load("demo", ranker=None)), Limits()
+    server, limits = ServerModels(Editor.load("demo", ranker=None)), Limits()
     names = [n for n in MODEL_SETTINGS if n != "negative_prompt"]
-    before = dict(zip(names, model_settings(slot, load_into(slot, "demo"), names, limits)))
+    key, _ = load_for_session(server, "demo")
+    before = dict(zip(names, model_settings(server.cache.get(key), names, limits)))
     assert (before["scheduler"], before["num_inference_steps"]) == ("ddim", 20)
     bad = tmp_path / "bad.safetensors"
     bad.write_text("not a model")
-    failed = model_settings(slot, load_into(slot, str(bad)), names, limits)
-    assert failed == [{"__type__": "update"}] * len(names)  # gr.skip(): no change
-    after = dict(zip(names, model_settings(slot, load_into(slot, "demo-fast"), names, limits)))
-    assert (after["scheduler"], after["num_inference_steps"]) == ("lcm", slot.defaults.num_inference_steps)
+    assert load_for_session(server, str(bad))[0] is None
+    key, _ = load_for_session(server, "demo-fast")
+    after = dict(zip(names, model_settings(server.cache.get(key), names, limits)))
+    assert (after["scheduler"], after["num_inference_steps"]) == ("lcm", server.cache.get(key).defaults.num_inference_steps)
     assert after["num_inference_steps"] <= 8
 
 
@@ -89,42 +97,44 @@ def test_loading_a_few_step_model_brings_its_settings(tmp_path):
 PER_MODEL = ("core_steps", "background_timestep", "background_noise")  # demo-fast's blended.json sets them; no widget does
 
 
-def test_edits_use_the_settings_of_the_model_in_use(tmp_path):
-    """Start on `demo`, load `demo-fast` with the picker: Generate and /edit use demo-fast's blended.json
-    (core_steps, background_timestep, background_noise have no widget), not demo's settings captured at build."""
+def test_edits_use_the_settings_of_the_session_model(tmp_path):
+    """The server starts on `demo`; a session that loaded `demo-fast` gets demo-fast's blended.json from Generate
+    (core_steps, background_timestep, background_noise have no widget), while /edit keeps the server's model."""
     import json
     from pathlib import Path
 
     from gradio_client import Client, handle_file
 
     from blended import Editor, PRESETS
+    from blended.models.cache import ModelKey
     from ui.limits import Limits
     from test_app_client import generate_handler, launch, make_case, painted
 
-    slot, limits = ModelSlot(Editor.load("demo", ranker=None)), Limits(max_candidates=2)
-    first = {n: getattr(slot.defaults, n) for n in PER_MODEL}
-    demo, url = launch(slot, limits)
+    editor, limits = Editor.load("demo", ranker=None), Limits(max_candidates=2)
+    first = {n: getattr(editor.defaults, n) for n in PER_MODEL}
+    demo, url = launch(editor, limits)
     try:
-        assert load_into(slot, "demo-fast").startswith("In use:")
         wanted = {n: v for n, v in json.loads((Path(PRESETS["demo-fast"]) / "blended.json").read_text()).items()
                   if n in PER_MODEL}
-        assert wanted != first and {n: getattr(slot.defaults, n) for n in PER_MODEL} == wanted
-
-        image, mask, _ = make_case(slot, tmp_path)
+        assert wanted != first
+        image, mask, _ = make_case(editor, tmp_path)
         _, result = Client(url, verbose=False).predict(handle_file(str(image)), handle_file(str(mask)), "a red circle",
                                                        {"num_candidates": 1}, api_name="/edit")
-        assert {n: result["settings"][n] for n in PER_MODEL} == wanted  # the API names none of them
-        assert (result["settings"]["scheduler"], result["settings"]["num_inference_steps"]) == ("lcm", 4)
+        assert result["model"] == "demo" and {n: result["settings"][n] for n in PER_MODEL} == first
 
         handler, inputs = generate_handler(demo)
         by_id = {c.elem_id: c for c in inputs if getattr(c, "elem_id", None)}
+        key_state = next(c for c in inputs if isinstance(c.value, ModelKey))  # the session's model
+        fast = Editor.load("demo-fast", ranker=None).defaults
         data = {c: c.value for c in inputs}
-        data.update({by_id["editor"]: painted(slot.model.native_size), by_id["prompt"]: "a red circle",
-                     by_id["live-preview"]: False, by_id["num-candidates"]: 1, by_id["randomize-seed"]: False})
+        data.update({by_id["editor"]: painted(editor.model.native_size), by_id["prompt"]: "a red circle",
+                     by_id["live-preview"]: False, by_id["num-candidates"]: 1, by_id["randomize-seed"]: False,
+                     key_state: ModelKey("demo-fast")})
         for name in ("num_inference_steps", "guidance_scale", "scheduler", "blend_start"):  # what the picker resets
-            data[by_id[name.replace("_", "-")]] = getattr(slot.defaults, name)
+            data[by_id[name.replace("_", "-")]] = getattr(fast, name)
         last = list(handler(data, None))[-1]
-        settings = next(v for k, v in last.items() if getattr(k, "elem_id", None) == "details")["settings"]
-        assert {n: settings[n] for n in PER_MODEL} == wanted
+        details = next(v for k, v in last.items() if getattr(k, "elem_id", None) == "details")
+        assert details["model"] == "demo-fast" and {n: details["settings"][n] for n in PER_MODEL} == wanted
+        assert (details["settings"]["scheduler"], details["settings"]["num_inference_steps"]) == ("lcm", 4)
     finally:
         demo.close()

@@ -1,5 +1,6 @@
 """The `/edit` API endpoint: image and mask files, a prompt and settings JSON in; candidates and the result's
-JSON out. Its components are hidden: the endpoint is for `gradio_client` and scripts."""
+JSON out. Its components are hidden: the endpoint is for `gradio_client` and scripts. It edits with the server's
+own model (`--model` / `BLENDED_MODEL`), whatever a browser session picked."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from .results_panel import saved_outputs
 from .streaming import EDIT_CONCURRENCY, EditRunner
 
 
-def build_api(slot: Any, runner: EditRunner, files: OutputDir, limits: Limits) -> None:
-    """The hidden components of `/edit` and its handler (call inside the Blocks). `slot.current` is the model in
-    use: an edit reads its defaults and runs on it."""
+def build_api(server: Any, runner: EditRunner, files: OutputDir, limits: Limits) -> None:
+    """The hidden components of `/edit` and its handler (call inside the Blocks). `server`
+    (`ui.models_panel.ServerModels`) gives the server's own model: an edit reads its defaults and runs on it."""
     with gr.Column(visible=False):
         api_image = gr.File(label="image", file_types=["image"])
         api_mask = gr.File(label="mask, same size (white or opaque = edit)", file_types=["image"])
@@ -32,13 +33,13 @@ def build_api(slot: Any, runner: EditRunner, files: OutputDir, limits: Limits) -
         """Edit `image_file` inside `mask_file` (same size; white or opaque = edit) to show `text`."""
         if not image_file or not mask_file:
             raise gr.Error("send both an image file and a mask file", title="Cannot edit")
-        editor = slot.current  # the model in use now: its defaults and its edit
-        try:
-            source = checked_image(image_file, limits)
-            config = edit_config(editor, options, limits)
-        except InputError as e:
-            raise gr.Error(str(e), title="Cannot edit") from None
-        result = runner.run(editor, source, mask_file, text, config, request, progress)
+        with server.acquire(None, progress) as editor:  # the server's model, held until the edit ends
+            try:
+                source = checked_image(image_file, limits)
+                config = edit_config(editor, options, limits)
+            except InputError as e:
+                raise gr.Error(str(e), title="Cannot edit") from None
+            result = runner.run(editor, source, mask_file, text, config, request, progress)
         items, _, _, _ = saved_outputs(files, result, source)
         return items, result.to_json()
 

@@ -152,8 +152,10 @@ class OutputDir:
         self.root = Path(root or tempfile.mkdtemp(prefix="blended-ui-"))
         self.keep_seconds = keep_seconds
 
-    def save(self, source: Image.Image, candidates: list[Candidate]) -> tuple[str, list[str]]:
-        """Write source.png and rank<i>-seed<s>.png; return their paths."""
+    def save(self, source: Image.Image, candidates: list[Candidate],
+             pnginfo: Optional[list] = None) -> tuple[str, list[str]]:
+        """Write source.png and rank<i>-seed<s>.png (each with its `pnginfo`, e.g. `blended.pnginfo.png_info`: the
+        parameters that made it); return their paths."""
         self.prune()
         folder = Path(tempfile.mkdtemp(dir=self.root))
         source_path = folder / "source.png"
@@ -161,7 +163,7 @@ class OutputDir:
         paths = []
         for i, cand in enumerate(candidates):
             path = folder / f"rank{i + 1}-seed{cand.seed}.png"
-            cand.image.save(path, format="PNG")
+            cand.image.save(path, format="PNG", pnginfo=pnginfo[i] if pnginfo else None)
             paths.append(str(path))
         return str(source_path), paths
 

@@ -26,6 +26,7 @@ class Prompt:
     negative_prompt: gr.Textbox
     generate: gr.Button
     stop: gr.Button
+    remove: gr.Checkbox  # the Remove choice (EditConfig.remove): Generate takes the painted object away, no prompt
 
 
 def build_prompt(defaults: EditConfig) -> Prompt:
@@ -34,28 +35,38 @@ def build_prompt(defaults: EditConfig) -> Prompt:
                         max_lines=3, elem_id="prompt")
     negative_prompt = gr.Textbox(label="Negative prompt", value=defaults.negative_prompt,
                                  placeholder="what to avoid (optional)", max_lines=3, elem_id="negative-prompt")
+    remove = gr.Checkbox(value=False, label="Remove: take away what is painted (no prompt needed; a prompt, if any, "
+                         "describes what is behind it)", elem_id="remove")
     with gr.Row():
         generate = gr.Button("Generate", variant="primary", elem_id="generate")
         stop = gr.Button("Stop", variant="stop", elem_id="stop")
-    return Prompt(prompt, negative_prompt, generate, stop)
+    return Prompt(prompt, negative_prompt, generate, stop, remove)
 
 
-def follow_generate(slot: Any, runner: EditRunner, files: OutputDir, limits: Limits, image_editor: gr.ImageEditor,
+def follow_generate(models: Any, runner: EditRunner, files: OutputDir, limits: Limits, image_editor: gr.ImageEditor,
                     prompt: Prompt, live_preview: gr.Checkbox, panel: MaskPanel,
                     settings: dict[str, gr.components.Component], results: Results) -> None:
-    """The handlers of Generate and Stop. `slot.current` is the model in use: an edit reads its defaults and runs
-    on it, both when the edit starts (`settings` hold the widgets by setting name, `negative_prompt` included)."""
+    """The handlers of Generate and Stop. `models` (`ui.models_panel.ModelPanel`) holds the session's model: an edit
+    reads its defaults and runs on it, held until the edit ends (`settings` hold the widgets by setting name,
+    `negative_prompt` included)."""
+    settings = {**settings, "remove": prompt.remove}  # the Remove choice is a setting of the edit
+
     def on_generate(data: dict, request: gr.Request, progress=gr.Progress()) -> Iterator[dict]:
-        editor = slot.current  # the model in use now: its defaults and its edit (a load may swap it meanwhile)
+        lease = models.acquire(data[models.key], progress)  # this session's model, held until the edit ends
+        editor = lease.model
         values = {name: data[widget] for name, widget in settings.items()}
         try:
             source, mask = editor_inputs(data[image_editor], limits)
             config = edit_config(editor, values, limits)
             mask = panel.masks(data[image_editor], data[panel.state], data[panel.multi]) or mask
-        except InputError as e:
-            raise gr.Error(str(e), title="Cannot edit") from None
+        except BaseException as e:
+            lease.release()  # the edit does not start
+            if isinstance(e, InputError):
+                raise gr.Error(str(e), title="Cannot edit") from None
+            raise
         live = bool(data[live_preview]) and not isinstance(mask, list)
-        for kind, *rest in runner.stream(editor, source, mask, data[prompt.prompt], config, request, progress, live):
+        for kind, *rest in runner.stream(editor, source, mask, data[prompt.prompt], config, request, progress, live,
+                                         lease):
             if kind == "preview":
                 done, total, images = rest
                 yield {results.gallery: [(im, f"preview · step {done}/{total}") for im in images]}
@@ -67,7 +78,8 @@ def follow_generate(slot: Any, runner: EditRunner, files: OutputDir, limits: Lim
                    results.state: state, results.keep_editing: gr.Button(interactive=True)}
 
     editing = prompt.generate.click(
-        on_generate, inputs={image_editor, prompt.prompt, live_preview, panel.multi, panel.state, *settings.values()},
+        on_generate, inputs={image_editor, prompt.prompt, live_preview, panel.multi, panel.state, models.key,
+                *settings.values()},
         outputs=[results.gallery, results.before_after, results.details, settings["seed"], results.download,
                  results.state, results.keep_editing],
         concurrency_limit=limits.concurrency, concurrency_id=EDIT_CONCURRENCY, api_visibility="private")

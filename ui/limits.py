@@ -18,6 +18,8 @@ class Limits:
     max_resolution: int = 1024  # largest `resolution` an edit may ask (shorter side, pixels, of the region worked at)
     concurrency: int = 1  # edits running at once (they share the model and the accelerator)
     max_queue: int = 20  # edits waiting beyond that; further requests are turned away
+    max_models: int = 2  # models kept loaded for all sessions (blended/models/cache.py), the server's own included
+    link_days: int = 7  # days the files of results and shared links are kept (gradio's delete_cache)
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "Limits":

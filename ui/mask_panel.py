@@ -1,7 +1,8 @@
 """The selection and mask-tools panel: click the object (or two box corners) on a picture that shows the clicks
 and the current mask, and the mask lands in the image editor as an ordinary layer; grow / shrink, invert, fill
-holes, drop specks, snap to edges, clear (issue 22). `build_mask_panel` makes the components and handlers;
-the functions above it hold the logic on plain images and arrays."""
+holes, drop specks, snap to edges, clear (issue 22); or name the object in words ("the red circle", issue 29).
+`build_mask_panel` makes the components and handlers; the functions above it hold the logic on plain images and
+arrays."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import gradio as gr
 import numpy as np
 from PIL import Image, ImageDraw
 
-from blended import InputError
+from blended import InputError, ModelLoadError
 from blended.multimask import mask_variants
-from blended.select import Selection, box_from_corners, drop_specks, fill_holes, grow, invert, select_mask, snap
+from blended.select import (Selection, box_from_corners, drop_specks, fill_holes, grow, invert, select_mask,
+                            shared_text_segmenter, snap)
 from blended.select.sam import image_key
 
 from .editing import checked_image, mask_from_layers, mask_layer
@@ -94,9 +96,10 @@ def overlay(image: Image.Image, mask: Optional[np.ndarray], state: PanelState) -
 
 
 def click(state: PanelState, image: Image.Image, segmenter: Any, xy: tuple[float, float], positive: bool,
-          box_mode: bool, px: int, limits: Limits) -> PanelState:
+          box_mode: bool, px: int, limits: Limits, text_segmenter: Any = None) -> PanelState:
     """The state after a click at display pixel `xy`: a new click (or a box corner) and the mask it selects,
-    grown by the slider's `px`. InputError (the state unchanged) when the selection is refused."""
+    grown by the slider's `px`; after words, the click refines what they selected (`text_segmenter`). InputError
+    (the state unchanged) when the selection is refused."""
     s = display_scale(image.size)
     x = min(image.size[0] - 1, max(0, int(xy[0] / s)))
     y = min(image.size[1] - 1, max(0, int(xy[1] / s)))
@@ -106,7 +109,25 @@ def click(state: PanelState, image: Image.Image, segmenter: Any, xy: tuple[float
         selection = Selection(box=box_from_corners(state.corner, (x, y)))
     else:
         selection = state.selection.add(x, y, positive)
-    base = select_mask(segmenter, image, selection, max_pixels=limits.max_pixels)[0]
+    if selection.text and text_segmenter is None:  # words without their segmenter: the clicks alone
+        selection = selection.with_text("")
+    base = select_mask(text_segmenter if selection.text else segmenter, image, selection,
+                       max_pixels=limits.max_pixels)[0]
+    return replace(state, selection=selection, corner=None, base=base, offset=0, shown=grow(base, px), px=px,
+                   from_click=True)
+
+
+def words(state: PanelState, image: Image.Image, text_segmenter: Any, text: str, px: int,
+          limits: Limits) -> PanelState:
+    """The state after words naming the object: the mask the text segmenter selects (refined by the click
+    segmenter), grown by the slider's `px`; clicks after it refine it. InputError (the state unchanged) when
+    words are off, empty, or match nothing."""
+    if text_segmenter is None:
+        raise InputError("selection by words is off here: click the object instead")
+    selection = Selection().with_text(text)
+    if not selection.text:
+        raise InputError("type the words that name the object, e.g. \"the red circle\"")
+    base = select_mask(text_segmenter, image, selection, max_pixels=limits.max_pixels)[0]
     return replace(state, selection=selection, corner=None, base=base, offset=0, shown=grow(base, px), px=px,
                    from_click=True)
 
@@ -147,7 +168,8 @@ def edit_masks_for(state: PanelState, painted: np.ndarray, image: Image.Image, s
     painted mask grown by 0, 10 and 20 % of its size (`blended.multimask.variant_grows`)."""
     sel = state.selection
     unchanged = state.from_click and state.shown is not None and np.array_equal(painted, state.shown)
-    if unchanged and getattr(segmenter, "multimask", False) and len(sel.points) == 1 and sel.box is None:
+    if unchanged and getattr(segmenter, "multimask", False) and len(sel.points) == 1 and sel.box is None \
+            and not sel.text:
         found = select_mask(segmenter, image, sel, num_masks=3, max_pixels=limits.max_pixels)
         if len(found) > 1:
             return [(f"SAM mask {i + 1}", grow(m, state.px)) for i, m in enumerate(found)]
@@ -169,13 +191,22 @@ class MaskPanel:
     state: Any
     follow: Callable[[Any], Any]
     masks: Callable[[Optional[dict], PanelState, bool], Any]
+    words: Any = None  # the text box (`#select-text`)
 
 
-def build_mask_panel(image_editor: Any, segmenter: Any, limits: Limits, note: str = "") -> MaskPanel:
+def build_mask_panel(image_editor: Any, segmenter: Any, limits: Limits, note: str = "",
+                     text_segmenter: Any = "auto") -> MaskPanel:
     """The selection and mask tools under `image_editor` (call inside the Blocks' column): components and their
-    handlers. `segmenter` (None: clicks are refused with a message) selects; `note` says which one is in use."""
-    def fail(e: InputError, title: str = "Cannot select") -> gr.Error:
+    handlers. `segmenter` (None: clicks are refused with a message) selects; `note` says which one is in use.
+    `text_segmenter` selects from words: "auto" = `blended.select.shared_text_segmenter` refined by `segmenter`,
+    loaded at the first words ($BLENDED_TEXT_SEGMENTER, else CLIPSeg, else the demo one); None = words off."""
+    def fail(e: Exception, title: str = "Cannot select") -> gr.Error:
         return gr.Error(str(e), title=title)
+
+    def text_seg() -> Any:
+        if isinstance(text_segmenter, str) and text_segmenter == "auto":
+            return shared_text_segmenter(None, None, segmenter)[0]  # one per server, shared by the sessions
+        return text_segmenter
 
     with gr.Accordion("Select: click the object in the picture below, or two corners of a box (then adjust; the "
                       "brush and eraser still refine it)",
@@ -186,6 +217,10 @@ def build_mask_panel(image_editor: Any, segmenter: Any, limits: Limits, note: st
         with gr.Row():
             mode = gr.Radio(list(MODES), value=MODES[0], label="A click means", elem_id="select-mode")
             box = gr.Checkbox(label="Box: the next two clicks are its corners", value=False, elem_id="select-box")
+        with gr.Row():
+            words_box = gr.Textbox(label="Or name it (Enter): the object these words describe is selected",
+                                   placeholder="the red circle", max_lines=1, scale=4, elem_id="select-text")
+            words_go = gr.Button("Select", size="sm", scale=1, elem_id="select-text-go")
         grow_slider = gr.Slider(-GROW_RANGE, GROW_RANGE, step=1, value=0, label="Grow (+) / shrink (-) the mask, px",
                                 elem_id="mask-grow")
         with gr.Row():
@@ -215,14 +250,27 @@ def build_mask_panel(image_editor: Any, segmenter: Any, limits: Limits, note: st
                  evt: gr.SelectData) -> Any:
         try:
             image = background_of(value, limits)
-            new = click(st, image, segmenter, tuple(evt.index), how == MODES[0], bool(box_on), int(px), limits)
-        except InputError as e:
+            new = click(st, image, segmenter, tuple(evt.index), how == MODES[0], bool(box_on), int(px), limits,
+                        text_seg() if st is not None and st.selection.text else None)
+        except (InputError, ModelLoadError) as e:
             raise fail(e) from None
         editor = gr.skip() if new.corner is not None else editor_update(image, new.shown)
         return editor, overlay(image, new.shown, new), new
 
     picture.select(on_click, inputs=[image_editor, state, mode, box, grow_slider],
                    outputs=[image_editor, picture, state], api_visibility="private", show_progress="minimal")
+
+    def on_words(value: Optional[dict], st: PanelState, text: str, px: float) -> Any:
+        try:
+            image = background_of(value, limits)
+            new = words(st or PanelState(), image, text_seg(), text, int(px), limits)
+        except (InputError, ModelLoadError) as e:
+            raise fail(e) from None
+        return editor_update(image, new.shown), overlay(image, new.shown, new), new
+
+    for trigger in (words_box.submit, words_go.click):
+        trigger(on_words, inputs=[image_editor, state, words_box, grow_slider], outputs=[image_editor, picture, state],
+                api_visibility="private", show_progress="minimal")
 
     def on_grow(value: Optional[dict], st: PanelState, px: float) -> Any:
         try:
@@ -260,4 +308,4 @@ def build_mask_panel(image_editor: Any, segmenter: Any, limits: Limits, note: st
         return edit_masks_for(st or PanelState(), current_mask(value, image.size), image, segmenter, limits)
 
     return MaskPanel(picture=picture, mode=mode, box=box, grow=grow_slider, multi=multi, state=state, follow=follow,
-                     masks=masks)
+                     masks=masks, words=words_box)

@@ -1,6 +1,7 @@
 """The Settings accordion: one widget per setting a visitor commonly changes, keyed by its EditConfig name, that
-follows the model in use (a newly loaded model brings its own defaults). Every other field of an edit comes from
-the model in use when the edit starts (`ui.editing.edit_config`), never from what was captured here."""
+follows the session's model (a model loaded with the picker brings its own defaults: `ui.models_panel`). Every other
+field of an edit comes from the session's model when the edit starts (`ui.editing.edit_config`), never from what was
+captured here."""
 
 from __future__ import annotations
 
@@ -85,18 +86,8 @@ def build_settings(defaults: EditConfig, limits: Limits) -> tuple[gr.Checkbox, d
     return live_preview, w
 
 
-def model_settings(slot: Any, status: str, names: Sequence[str], limits: Limits) -> list:
-    """The values of the `names` settings after the model picker answered `status`: the model in use's defaults
-    (a few-step model's steps, scheduler and guidance, a model's blended.json), or skips when the load failed."""
-    if not status.startswith("In use:"):  # a failed load: the model in use did not change
-        return [gr.skip()] * len(names)
-    defaults = server_defaults(slot.current.defaults, limits)
+def model_settings(editor: Any, names: Sequence[str], limits: Limits) -> list:
+    """The values of the `names` settings for a session that took `editor`: its defaults (a few-step model's steps,
+    scheduler and guidance, a model's blended.json) within the server's limits."""
+    defaults = server_defaults(editor.defaults, limits)
     return [setting_of(defaults, n) for n in names]
-
-
-def follow_model_defaults(slot: Any, status: gr.components.Component,
-                          settings: dict[str, gr.components.Component], limits: Limits) -> None:
-    """When the model picker swaps in another model, the Settings take its defaults (`model_settings`)."""
-    names = [n for n in MODEL_SETTINGS if n in settings]
-    status.change(lambda text: model_settings(slot, text, names, limits), inputs=status,
-                  outputs=[settings[n] for n in names], queue=False, api_visibility="private")

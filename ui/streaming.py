@@ -20,7 +20,7 @@ from .zerogpu import gpu
 PREVIEW_INTERVAL = 0.25  # seconds between two live previews sent to the page (the engine makes them more often)
 PREVIEWS_PER_CHUNK = 10  # the engine makes a preview every steps / PREVIEWS_PER_CHUNK steps
 GPU_SECONDS = 180  # longest edit a ZeroGPU Space grants a device for
-EDIT_CONCURRENCY = "edit"  # UI and API edits share one concurrency group (one model, one accelerator)
+EDIT_CONCURRENCY = "edit"  # UI and API edits share one concurrency group (one accelerator)
 OUT_OF_MEMORY = "Out of memory: try fewer candidates or a smaller image."
 
 
@@ -84,11 +84,12 @@ class EditRunner:
             self.switch.finish(session, stop)
 
     def stream(self, editor: Editor, source: Any, mask: Any, prompt: str, config: EditConfig,
-               request: Optional[gr.Request], progress: Callable, live: bool) -> Iterator[tuple]:
+               request: Optional[gr.Request], progress: Callable, live: bool, lease: Any = None) -> Iterator[tuple]:
         """Run the edit in a worker thread; yield ("preview", done, total, images) at most every
         PREVIEW_INTERVAL seconds while it denoises (when `live`), then ("result", EditResult).
 
-        Closing the generator (gradio's cancel) stops the edit at its next denoising step."""
+        Closing the generator (gradio's cancel) stops the edit at its next denoising step. `lease` (the model's,
+        from `blended.models.cache`) is released by the worker once the edit has ended, not before."""
         session = session_of(request)
         stop = self.switch.start(session)
         messages: queue.Queue = queue.Queue()
@@ -100,6 +101,9 @@ class EditRunner:
                     (lambda *a: messages.put(("preview", *a))) if live else None)))
             except BaseException as e:  # noqa: BLE001  (re-raised in the handler's thread)
                 messages.put(("error", e))
+            finally:
+                if lease is not None:
+                    lease.release()
 
         threading.Thread(target=contextvars.copy_context().run, args=(work,), daemon=True).start()
         finished, last = False, 0.0

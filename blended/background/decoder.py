@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..models.loaded import latent_scaling
 from .window import Window
 
 CPU_ACTIVATION_BYTES = 2 * 2**30  # on the CPU, `latent`/`decoder` recompute activations in backward above this estimate
@@ -67,8 +68,7 @@ class LatentDecoder(nn.Module):
         post_quant_conv = getattr(vae, "post_quant_conv", None)
         self.post_quant_conv = copy.deepcopy(post_quant_conv).float() if post_quant_conv is not None else None
         self.decoder = copy.deepcopy(vae.decoder).float()
-        self.scaling_factor = float(vae.config.scaling_factor)
-        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        self.scaling_factor, self.shift_factor = latent_scaling(vae)
         self.eval().requires_grad_(False)
         # after the front, GroupNorm statistics are pinned to the whole image's (see `record`)
         for module in self.stage_modules(1):

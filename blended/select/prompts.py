@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from ..errors import InputError
 
 MAX_CLICKS = 64  # clicks one selection may hold
+MAX_TEXT = 200  # characters of words naming the object (CLIP reads at most 77 tokens)
 
 
 @dataclass(frozen=True)
@@ -15,17 +16,23 @@ class Selection:
     """Clicks and an optional box in image pixels (x right, y down, from the top-left corner).
 
     `labels[i]` is 1 for a positive click (part of the object) and 0 for a negative one (not part of it),
-    SAM's convention. `box` is (left, top, right, bottom), right and bottom exclusive."""
+    SAM's convention. `box` is (left, top, right, bottom), right and bottom exclusive. `text` names the object in
+    words ("the red circle"): only a text segmenter (`blended.select.text`) reads it; clicks and a box then refine
+    or restrict what the words select."""
 
     points: tuple[tuple[int, int], ...] = ()
     labels: tuple[int, ...] = ()
     box: Optional[tuple[int, int, int, int]] = None
+    text: str = ""
 
     def add(self, x: int, y: int, positive: bool = True) -> "Selection":
-        return Selection(self.points + ((int(x), int(y)),), self.labels + (1 if positive else 0,), self.box)
+        return replace(self, points=self.points + ((int(x), int(y)),), labels=self.labels + (1 if positive else 0,))
 
     def with_box(self, box: Optional[tuple[int, int, int, int]]) -> "Selection":
-        return Selection(self.points, self.labels, box)
+        return replace(self, box=box)
+
+    def with_text(self, text: str) -> "Selection":
+        return replace(self, text=str(text or "").strip())
 
     @property
     def positive(self) -> list[tuple[int, int]]:
@@ -37,12 +44,18 @@ class Selection:
 
     @property
     def empty(self) -> bool:
-        return not self.points and self.box is None
+        return not self.points and self.box is None and not self.text
 
-    def check(self, size: tuple[int, int]) -> "Selection":
+    def check(self, size: tuple[int, int], words: bool = False) -> "Selection":
         """Raise InputError when a click lies outside the (w, h) image, the box is outside or has no area,
-        or nothing positive is given; return self."""
+        nothing positive is given (words count as positive), or words are given to a segmenter that does not
+        read them (`words` False); return self."""
         w, h = size
+        if self.text and not words:
+            raise InputError("this segmenter selects from clicks or a box, not from words: words need a text "
+                             "segmenter (blended.select.load_text_segmenter)")
+        if len(self.text) > MAX_TEXT:
+            raise InputError(f"the words naming the object are {len(self.text)} characters long; at most {MAX_TEXT}")
         if len(self.points) != len(self.labels) or any(label not in (0, 1) for label in self.labels):
             raise InputError("every click needs a label: 1 = part of the object, 0 = not part of it")
         if len(self.points) > MAX_CLICKS:
@@ -58,7 +71,7 @@ class Selection:
                                  "and bottom more than top")
             if l < 0 or t < 0 or r > w or b > h:
                 raise InputError(f"the box ({l}, {t}, {r}, {b}) reaches outside the {w}x{h} image")
-        if self.box is None and not self.positive:
+        if self.box is None and not self.positive and not self.text:
             raise InputError("click on the object (a positive click) or draw a box: negative clicks alone "
                              "select nothing")
         return self
@@ -93,4 +106,4 @@ def box_from_corners(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int, 
     return min(a[0], b[0]), min(a[1], b[1]), max(a[0], b[0]) + 1, max(a[1], b[1]) + 1
 
 
-__all__ = ["Selection", "parse_points", "parse_box", "box_from_corners", "MAX_CLICKS"]
+__all__ = ["Selection", "parse_points", "parse_box", "box_from_corners", "MAX_CLICKS", "MAX_TEXT"]
