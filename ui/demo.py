@@ -99,6 +99,11 @@ def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optiona
         from blended.select import GrabCutSegmenter
 
         segmenter, segmenter_note = GrabCutSegmenter(), segmenter_note or "Selection: GrabCut (OpenCV, no weights)."
+    words = "auto"  # the demo models select by words with the bundled demo segmenter, no hub call
+    if is_demo_model(editor) and not os.environ.get("BLENDED_TEXT_SEGMENTER") and segmenter is not None:
+        from blended.select import shared_text_segmenter
+
+        words = shared_text_segmenter("demo", None, segmenter)[0] or "auto"
     runner, files = EditRunner(), OutputDir()
     link = link_button()  # made before the Blocks: its click is wired below, saving what the page shows first
 
@@ -111,7 +116,7 @@ def create_demo(editor: Editor, limits: Optional[Limits] = None, notice: Optiona
         with gr.Row():
             with gr.Column(scale=1):
                 image_editor = build_canvas()
-                panel = build_mask_panel(image_editor, segmenter, limits, segmenter_note)
+                panel = build_mask_panel(image_editor, segmenter, limits, segmenter_note, words)
                 build_extend_panel(image_editor, limits, panel.follow)
                 prompt = build_prompt(defaults)
                 live_preview, settings = build_settings(defaults, limits)

@@ -208,8 +208,8 @@ def build_mask_panel(image_editor: Any, segmenter: Any, limits: Limits, note: st
             return shared_text_segmenter(None, None, segmenter)[0]  # one per server, shared by the sessions
         return text_segmenter
 
-    with gr.Accordion("Select: click the object in the picture below, or two corners of a box (then adjust; the "
-                      "brush and eraser still refine it)",
+    with gr.Accordion("Select: click the object in the picture below, two corners of a box, or name it (then "
+                      "adjust; the brush and eraser still refine it)",
                       open=True, elem_id="select-panel"):
         picture = gr.Image(label="Click the object to select it", show_label=False,  # a label would cover a corner
                            type="pil", format="png", interactive=False, buttons=[], height=420, elem_id="select-click",
