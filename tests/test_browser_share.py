@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_browser import ARGS, CHROMIUM, OUT, click_example, magenta, set_settings, wait_result
+from test_browser import OUT, browser, click_example, magenta, set_settings, wait_result  # noqa: F401 (browser: the shared fixture)
 from test_sessions import details, model_status, pick_model
 
 VIEW = {"width": 1400, "height": 1000}
@@ -27,16 +27,6 @@ def app_url():
     demo, url = launch(Editor.load("demo", ranker=None), Limits(max_candidates=4))
     yield url
     demo.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
 
 
 def open_in(context, url):

@@ -9,6 +9,7 @@ import pytest
 
 from blended.errors import InputError, ModelLoadError
 from blended.models.cache import ModelCache, ModelKey
+from test_browser import browser  # noqa: F401 (the shared chromium fixture)
 
 
 class Loads:
@@ -204,17 +205,6 @@ def app_url(demo_editor):
     demo, url = launch(demo_editor, Limits(max_candidates=2))
     yield url
     demo.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from test_browser import ARGS, CHROMIUM
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
 
 
 def model_status(page) -> str:
