@@ -20,7 +20,7 @@ from PIL import Image
 from .config import EditConfig
 from .errors import InputError, ModelLoadError, OutOfMemory
 from .fewstep import recommended_for_lora, recommended_for_model
-from .images import DEFAULT_MAX_PIXELS, ImageLike, Region, composite, crop_to_work, load_image, paste_back, plan_region
+from .images import DEFAULT_MAX_PIXELS, ImageLike, Region, composite, crop_image, load_image, paste_back, plan_region
 from .masks import EditMasks, WorkMasks, latent_strength, mask_schedule
 from .models import DEFAULT_MODEL, LoadedModel, load_model
 from .remove import loop_start, prefill_only, prefilled, removal_ranker
@@ -224,7 +224,7 @@ class Editor:
         support = run.masks.support
         run.region = plan_region(run.source.size, support, native=m.native_size, multiple=m.size_multiple,
                                  margin=max(cfg.crop_margin, cfg.feather + 1), resolution=cfg.resolution)
-        run.image, _ = crop_to_work(run.source, support, run.region)
+        run.image = crop_image(run.source, run.region)
         run.work = run.masks.at_work(run.region)
         run.notes += self._prompt_notes(run.prompt)
         run.lap("prepare")

@@ -201,12 +201,12 @@ def plan_region(image_size: tuple[int, int], mask: np.ndarray, *, native: int, m
     return Region(box=box, work_size=work, whole=whole)
 
 
-def crop_to_work(image: Image.Image, mask: np.ndarray, region: Region) -> tuple[Image.Image, np.ndarray]:
-    """The region of image and mask at work size; a work pixel is masked if any source pixel under it is."""
+def crop_image(image: Image.Image, region: Region) -> Image.Image:
+    """The region of the image at work size (Lanczos); its mask: `crop_mask`."""
     crop = image.crop(region.box)
     if crop.size != region.work_size:
         crop = crop.resize(region.work_size, Image.Resampling.LANCZOS)
-    return crop, crop_mask(mask, region)
+    return crop
 
 
 def crop_mask(mask: np.ndarray, region: Region) -> np.ndarray:
