@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -47,32 +48,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def load_editor(model: str, device, dtype, **options):
-    """(Editor, notice): the requested model (`options`: vae, loras, prediction_type), or the demo model with a
-    one-line notice when it cannot be loaded."""
+def load_editor(model: str, device, dtype, fallback: str = "demo", **options):
+    """(Editor, notice): the requested model (`options`: vae, loras, prediction_type), or the `fallback` bundled model
+    with a one-line notice when it cannot be loaded."""
     from blended import Editor, InputError, ModelLoadError
 
     try:
         return Editor.load(model, device=device, dtype=dtype, **options), None
     except (ModelLoadError, InputError) as e:  # InputError: a malformed --lora FILE:WEIGHT
-        if model == "demo":
+        if model == fallback:
             raise SystemExit(f"blended: {e}") from None
-        notice = f"The requested model '{model}' could not be loaded, so the bundled demo model is in use ({e})."
-        print(f"blended: {e}; falling back to the bundled demo model", file=sys.stderr)
+        notice = f"The requested model '{model}' could not be loaded, so the bundled {fallback} model is in use ({e})."
+        print(f"blended: {e}; falling back to the bundled {fallback} model", file=sys.stderr)
     try:
-        return Editor.load("demo", device=device, dtype=dtype), notice
+        return Editor.load(fallback, device=device, dtype=dtype), notice
     except ModelLoadError as e:
         raise SystemExit(f"blended: {e}") from None
 
 
-def build(args: argparse.Namespace, limits):
+def build(args: argparse.Namespace, limits, cpu_line: Optional[str] = None):
     """The Blocks around the server's model. The model is held by the app's model cache alone (nothing here keeps
-    it once this returns), so the cache can drop it like any other and load it again (`BLENDED_MAX_MODELS`)."""
+    it once this returns), so the cache can drop it like any other and load it again (`BLENDED_MAX_MODELS`).
+    `cpu_line`: what a CPU Space's start-up chose (`ui.cpu_space`), shown above the editor."""
     from blended.models.cache import ModelKey
     from ui import create_demo, is_demo_model
+    from ui.cpu_space import FALLBACK
 
-    editor, notice = load_editor(args.model, args.device, args.dtype, vae=args.vae, loras=args.loras,
-                                 prediction_type=args.prediction_type)
+    editor, notice = load_editor(args.model, args.device, args.dtype, fallback=FALLBACK if cpu_line else "demo",
+                                 vae=args.vae, loras=args.loras, prediction_type=args.prediction_type)
     speed = None
     if not is_demo_model(editor):  # Stable Diffusion on a CPU: say so, with a time per edit from one UNet call
         from ui.editing import server_defaults
@@ -81,6 +84,8 @@ def build(args: argparse.Namespace, limits):
         speed = cpu_notice(editor, server_defaults(editor.defaults, limits))
         if speed:
             print("blended: " + speed.replace("**", "").replace("`", ""), file=sys.stderr)
+    if cpu_line:
+        speed = cpu_line + (f"\n\n{speed}" if speed else "")
     from blended.select import load_segmenter
 
     segmenter, segmenter_note = load_segmenter(args.segmenter)
@@ -93,6 +98,7 @@ def build(args: argparse.Namespace, limits):
 def main(argv=None) -> None:
     args = parse_args(argv)
     from ui import Limits
+    from ui.cpu_space import cpu_space_plan, on_cpu_space
     from ui.zerogpu import on_zerogpu
 
     try:
@@ -100,7 +106,12 @@ def main(argv=None) -> None:
     except ValueError as e:
         raise SystemExit(f"blended: {e}") from None
     on_zerogpu()  # imports `spaces` on ZeroGPU before any CUDA work, as it requires
-    demo = build(args, limits)
+    cpu_line = None
+    if on_cpu_space():  # a Space without a GPU: few-step, tiny decode, bf16 where native (docs/hosting.md)
+        args, limits, cpu_line = cpu_space_plan(args, limits)
+        if cpu_line:
+            print(f"blended: {cpu_line}", file=sys.stderr)
+    demo = build(args, limits, cpu_line)
     demo.queue(max_size=limits.max_queue, default_concurrency_limit=limits.concurrency)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share,
                 max_file_size=f"{limits.max_upload_mb}mb",

@@ -42,6 +42,9 @@ FLAGS = {
     "remove_strength": ("--remove-strength", float, "--remove: the fraction of the schedule run from the pre-fill, "
                         "in [0, 1]; 0 = the pre-fill alone, no diffusion"),
     "remove_fill": ("--remove-fill", str, "--remove: how the hole is pre-filled from its surroundings, telea or ns"),
+    "decode": ("--decode", str, "what decodes the candidates: full (the VAE's decoder), tiny (TAESD: about 1/10 of "
+               "the time on a CPU; the model folder's vae_tiny/ or the family's from the hub) or the path of an "
+               "AutoencoderTiny folder or .safetensors file"),
 }
 
 

@@ -19,7 +19,8 @@ BACKGROUND_METHODS = ("none", "stitch", "poisson", "latent", "decoder")
 DECODER_LOSSES = ("window", "band")  # where `decoder` fits the decode (blended.background.shown)
 DECODER_SCHEDULES = ("constant", "linear", "cosine")  # learning rate over `decoder_steps` (blended.background.lr_factor)
 SCHEDULERS = ("ddim", "dpm++", "euler", "euler-a", "lcm", "tcd")  # the last three: few-step models (docs/fewstep.md)
-REMOVE_FILLS = ("telea", "ns")  # `remove_fill`: OpenCV's inpainting methods (blended.remove.prefill)
+REMOVE_FILLS = ("telea", "ns")
+DECODES = ("full", "tiny")  # `decode`: the model's VAE decoder, or its tiny one (TAESD); or a path (blended.models.tiny)  # `remove_fill`: OpenCV's inpainting methods (blended.remove.prefill)
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ class EditConfig:
     remove: bool = dataclasses.field(default=False, metadata={"added": 29})  # remove what the mask covers, no prompt needed: the hole pre-filled from its surroundings (`remove_fill`), the loop started from it at `remove_strength` with the prompt (may be empty) as a background prompt, the candidates ranked by how little object is left
     remove_strength: float = dataclasses.field(default=0.2, metadata={"added": 29})  # `remove`: the fraction of the schedule run from the noised pre-fill (the loop's blend_start is 1 - this, `blend_start` is not used); 0 = the pre-fill alone, no diffusion
     remove_fill: str = dataclasses.field(default="telea", metadata={"added": 29})  # `remove`: how the hole is pre-filled, one of REMOVE_FILLS: "telea" (fast marching) or "ns" (Navier-Stokes), OpenCV's cv2.inpaint
+    # -- speed on a CPU (issue 31: blended/codec.py, blended/models/tiny.py, docs/hosting.md) --
+    decode: str = dataclasses.field(default="full", metadata={"added": 31})  # what decodes the candidates: "full" = the model's VAE decoder; "tiny" = a tiny decoder (TAESD: the model folder's vae_tiny/, else madebyollin/taesd or taesdxl), about 1/10 of the time on a CPU; or the path of an AutoencoderTiny folder or .safetensors file. The composite keeps the upload exactly outside the mask either way; background "decoder" and "latent" need the full decoder and use it
 
     def replace(self, **changes: Any) -> "EditConfig":
         """A copy with `changes` applied; unknown names raise TypeError."""
@@ -121,6 +124,8 @@ class EditConfig:
             (0.0 < self.latent_lr <= 10.0, "latent_lr must be in (0, 10]"),
             (0.0 <= self.remove_strength <= 1.0, "remove_strength must be in [0, 1]"),
             (self.remove_fill in REMOVE_FILLS, f"remove_fill must be one of {', '.join(REMOVE_FILLS)}"),
+            (isinstance(self.decode, str) and 0 < len(self.decode.strip()) <= 4096,
+             "decode must be full, tiny or the path of a tiny decoder"),
         ]
         checks += [(isinstance(getattr(self, f.name), bool), f"{f.name} must be true or false")
                    for f in dataclasses.fields(self) if isinstance(f.default, bool)]

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .codec import Decoding, composite_crop, decode_box, decoding_for
 from .config import EditConfig
 from .errors import InputError, ModelLoadError, OutOfMemory
 from .fewstep import recommended_for_lora, recommended_for_model
@@ -82,6 +83,9 @@ class _Run:
     x_source: Optional[torch.Tensor] = None  # (1, 3, h, w) in [-1, 1]
     x_fill: Optional[torch.Tensor] = None  # `remove`: the pre-filled region (1, 3, h, w) in [-1, 1]
     flagged: list[bool] = field(default_factory=list)  # per candidate: the safety checker flagged it
+    decoding: Optional[Decoding] = None  # what decodes the candidates (EditConfig.decode)
+    crop: Optional[tuple[int, int, int, int]] = None  # the latent box the composite reads, where a crop decodes less
+    encode_hits: int = 0  # encodes served by the model's encode cache
 
     def lap(self, stage: str) -> None:
         now = time.perf_counter()
@@ -210,6 +214,7 @@ class Editor:
             run.lap("rank")
         candidates.sort(key=lambda c: c.filtered)  # stable: flagged candidates go last, the order stays
         run.timings["total"] = sum(run.timings.values())
+        run.timings["encode_cached"] = float(run.encode_hits)  # encodes the model's cache served (not seconds)
         run.report("done", 1, 1)
         return EditResult(candidates=candidates, prompt=run.prompt, config=run.cfg, model=self.model.name,
                           timings=run.timings, region=run.region, notes=run.notes,
@@ -228,29 +233,15 @@ class Editor:
         run.work = run.masks.at_work(run.region)
         run.notes += self._prompt_notes(run.prompt)
         run.lap("prepare")
+        self._decoding(run)
 
-    def _encode(self, run: _Run) -> tuple[torch.Tensor, Conditioning]:
-        """2. z_init, the source's latents (1, C, h/f, w/f), and the text conditions."""
-        m, cfg = self.model, run.cfg
-        run.x_source = _to_tensor(run.image).to(m.device)  # (1, 3, H, W)
-        z_init = m.encode(run.x_source)
-        cond = conditions(m, run.prompt, cfg.negative_prompt, cfg.guidance_scale, run.region.work_size)
-        run.lap("encode")
-        return z_init, cond
-
-    def _latent_masks(self, run: _Run, cond: Conditioning) -> tuple[Any, list[torch.Tensor], Conditioning]:
-        """3. The timesteps after `blend_start` and one latent mask per step (soft thresholds, shrinking, the
-        core); a 9-channel UNet's conditioning gets the mask and the masked source."""
-        m, cfg, work = self.model, run.cfg, run.work
-        timesteps = schedule(m.pipe, cfg.scheduler, cfg.num_inference_steps, loop_start(cfg))[2]
-        z_mask = latent_strength(work.strength, m.vae_scale_factor, cfg.latent_mask_mode)  # (1, 1, h, w)
-        if not z_mask.any():  # "core" of a mask too thin to have one
-            z_mask = latent_strength(work.strength, m.vae_scale_factor, "any")
-        z_core = latent_strength(work.strength * work.target, m.vae_scale_factor, "core")  # wholly inside the target
-        masks = mask_schedule(z_mask.to(m.device, m.dtype), len(timesteps), cfg.shrink_kernels, cfg.shrink,
-                              z_core.to(m.device, m.dtype), cfg.core_steps)
-        cond = inpaint_conditioning(m, cond, m.encode, run.x_source, work.support, z_mask, cfg)
-        return timesteps, masks, cond
+    def _decoding(self, run: _Run) -> None:
+        """What decodes the candidates (`decode`, `blended.codec.decoding_for`) and the latent box a crop decode
+        covers, where the decoder is conv-only and the composite reads only the mask's box and seam band."""
+        run.decoding = decoding_for(self.model, run.cfg, run.notes)
+        if run.decoding.name != "full":
+            run.lap("load decoder")
+        run.crop = composite_crop(run.decoding, run.cfg, run.masks, run.region, self.model.vae_scale_factor)
 
     def _denoise(self, run: _Run, z_init: torch.Tensor, cond: Conditioning, masks: list[torch.Tensor], timesteps: Any,
                  preview: Optional[Preview], every: int) -> tuple[torch.Tensor, torch.Tensor, Optional[dict]]:
@@ -269,7 +260,7 @@ class Editor:
             from .preview import Previewer, latent_rgb_map
 
             previewer = Previewer(latent_rgb_map(m.pipe.vae, m.encode, m.vae_scale_factor), run.image,
-                                  run.work.support)
+                                  run.work.support, decode=run.decoding.decode if run.decoding.name == "tiny" else None)
         latents_all, decoded_all = [], []
         for c, chunk in enumerate(chunks):
             done = c * len(timesteps)
@@ -280,13 +271,20 @@ class Editor:
             run.report("decoding", c, len(chunks))
             latents_all.append(latents)
             if stats is None:
-                decoded_all.append(m.decode(latents))
+                decoded_all.append(self._decode(run, latents))
             else:
                 with stats:
                     decoded_all.append(m.decode(latents))
             run.lap("decode")
         latents = torch.cat(latents_all)
         return latents, torch.cat(decoded_all), None if stats is None else stats.stats(latents.shape[0])
+
+    def _decode(self, run: _Run, latents: torch.Tensor) -> torch.Tensor:
+        """5. Candidates' latents -> (B, 3, H, W) in [-1, 1] with the run's decoder: only the composite's box
+        (the source around it) where `run.crop` is set, else the whole frame."""
+        if run.crop is None:
+            return run.decoding.decode(latents)
+        return decode_box(run.decoding, latents, run.crop, run.x_source.float(), self.model.vae_scale_factor)
 
     def _loop(self, run: _Run, seeds: list[int], z_init: torch.Tensor, cond: Conditioning,
               masks: list[torch.Tensor], timesteps: Any, done: int, num_chunks: int,

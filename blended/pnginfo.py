@@ -247,6 +247,9 @@ def _from_record(text: str) -> Recipe:
         raise InputError("the PNG's 'blended' record has no prompt")
     notes = ["its edit ran without the safety checker; a file never turns it off"] \
         if raw.get("safety_checker") is False else []
+    if settings.get("decode", "full") not in ("full", "tiny"):  # a path in a stranger's file names no file of ours
+        notes.append(f"decoded with the tiny decoder {_one_line(settings['decode'], 80)!r}: repeated with 'tiny'")
+        settings["decode"] = "tiny"
     cand = rec.get("candidate") if isinstance(rec.get("candidate"), dict) else {}
     if isinstance(cand.get("mask"), str) and cand["mask"]:
         notes.append(f"made with the mask '{_one_line(cand['mask'], 80)}' of a multi-mask edit: give that mask")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -77,21 +77,35 @@ def latent_rgb_map(vae: Any, encode: Callable[[torch.Tensor], torch.Tensor], fac
 class Previewer:
     """Makes the preview images of one edit: x0 estimates -> RGB inside the mask, the source outside."""
 
-    def __init__(self, weights: torch.Tensor, source: Image.Image, mask: np.ndarray):
-        """`source`: the work-size RGB image; `mask`: its (H, W) bool edit mask."""
+    def __init__(self, weights: torch.Tensor, source: Image.Image, mask: np.ndarray,
+                 decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+        """`source`: the work-size RGB image; `mask`: its (H, W) bool edit mask; `decode`: a tiny decoder's
+        (latents -> images in [-1, 1]) to show instead of the linear map, fed latents shrunk to the preview's
+        size so it costs a fraction of a full-size tiny decode."""
         w, h = source.size
         scale = min(1.0, PREVIEW_SIDE / max(w, h))
         self.size = (max(1, round(w * scale)), max(1, round(h * scale)))
         self.weights = weights
+        self.decode = decode
+        self.work_width = max(w, h)
         self.source = np.asarray(source.convert("RGB").resize(self.size, Image.BILINEAR), np.float32)
         m = Image.fromarray(mask.astype(np.uint8) * 255).resize(self.size, Image.BILINEAR)
         self.alpha = np.asarray(m, np.float32)[..., None] / 255  # (h, w, 1), 1 = edit
 
     def __call__(self, x0: torch.Tensor) -> list[Image.Image]:
         """(B, C, h, w) latents -> B small RGB previews."""
-        z = x0.detach().float().cpu()
-        rgb = torch.einsum("bchw,cd->bdhw", z, self.weights[:-1]) + self.weights[-1][None, :, None, None]
+        if self.decode is not None:
+            rgb = self._decoded(x0)
+        else:
+            z = x0.detach().float().cpu()
+            rgb = torch.einsum("bchw,cd->bdhw", z, self.weights[:-1]) + self.weights[-1][None, :, None, None]
         rgb = F.interpolate(rgb, size=self.size[::-1], mode="bilinear", align_corners=False)
         rgb = ((rgb.clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1).numpy()  # (B, h, w, 3)
         out = self.alpha * rgb + (1 - self.alpha) * self.source
         return [Image.fromarray(im.round().astype(np.uint8)) for im in out]
+
+    def _decoded(self, x0: torch.Tensor) -> torch.Tensor:
+        """x0 latents resized so that the tiny decoder's output is about the preview's size, decoded (B, 3, h, w)."""
+        shrink = max(1, round(self.work_width / max(self.size)))  # work pixels per preview pixel
+        z = F.interpolate(x0.float(), scale_factor=1 / shrink, mode="area") if shrink > 1 else x0
+        return self.decode(z).float().cpu()

@@ -17,13 +17,13 @@ from PIL import Image
 
 from blended import Candidate, EditConfig, InputError
 from blended.background import METHODS, PRESERVE_METHOD, get_method
-from blended.config import coerce
+from blended.config import DECODES, coerce
 from blended.images import load_image
 
 from .limits import Limits
 
 PAINT_ALPHA = 32  # a layer pixel with at least this alpha (of 255) is painted: part of the mask
-EXTRA_SETTINGS = ("randomize_seed", "preserve_background")  # settings of the UI that are not EditConfig fields
+EXTRA_SETTINGS = ("randomize_seed", "preserve_background", "fast_decode")  # settings of the UI that are not EditConfig fields
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(EditConfig)}
 NEW_SEED_RANGE = 2**31  # randomized seeds are drawn from [0, NEW_SEED_RANGE)
 
@@ -70,6 +70,7 @@ def server_defaults(defaults: EditConfig, limits: Limits) -> EditConfig:
     candidates, the denoising steps and each background method's optimisation steps (`steps_setting`)."""
     steps = {m.steps_setting for m in METHODS.values() if m.steps_setting} | {"num_inference_steps"}
     return defaults.replace(num_candidates=min(defaults.num_candidates, limits.max_candidates),
+                            decode=limits.decode or defaults.decode,
                             **{name: min(getattr(defaults, name), limits.max_steps) for name in sorted(steps)})
 
 
@@ -96,6 +97,8 @@ def settings_to_config(defaults: EditConfig, settings: Optional[dict], limits: L
         cfg = cfg.replace(seed=(rng or random.SystemRandom()).randrange(NEW_SEED_RANGE))
     if extras.get("preserve_background"):
         cfg = cfg.replace(background=PRESERVE_METHOD)
+    if "fast_decode" in extras:  # the app's "Fast decode" checkbox: the tiny decoder, or the full one
+        cfg = cfg.replace(decode="tiny" if extras["fast_decode"] else "full")
     return within_limits(cfg, limits)
 
 
@@ -105,6 +108,9 @@ def within_limits(cfg: EditConfig, limits: Limits) -> EditConfig:
     if cfg.num_candidates > limits.max_candidates:
         raise InputError(f"{cfg.num_candidates} candidates asked; this server makes at most "
                          f"{limits.max_candidates} per edit")
+    if cfg.decode not in DECODES:
+        raise InputError(f"decode '{cfg.decode[:80]}' asked; this server decodes with full or tiny (a path would "
+                         "name a file on the server)")
     if cfg.num_inference_steps > limits.max_steps:
         raise InputError(f"{cfg.num_inference_steps} steps asked; this server runs at most {limits.max_steps}")
     if cfg.resolution > limits.max_resolution:

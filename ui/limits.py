@@ -20,6 +20,8 @@ class Limits:
     max_queue: int = 20  # edits waiting beyond that; further requests are turned away
     max_models: int = 2  # models kept loaded for all sessions (blended/models/cache.py), the server's own included
     link_days: int = 7  # days the files of results and shared links are kept (gradio's delete_cache)
+    max_sessions: int = 200  # sessions whose state the server keeps, least recently used dropped (gradio's state_session_capacity; docs/hosting.md)
+    decode: str = ""  # what decodes every session's candidates unless a visitor changes it: full or tiny; "" = each model's own default (full). A CPU Space starts with tiny (app.py)
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "Limits":
@@ -30,6 +32,11 @@ class Limits:
             name = "BLENDED_" + f.name.upper()
             raw = env.get(name, "").strip()
             if not raw:
+                continue
+            if f.type in (str, "str"):
+                if raw not in ("full", "tiny"):
+                    raise ValueError(f"{name} must be full or tiny, got '{raw}'")
+                values[f.name] = raw
                 continue
             try:
                 value = int(raw.replace("_", ""))

@@ -42,7 +42,9 @@ def recipe_values(recipe: Recipe, names: list[str], limits: Limits) -> tuple[dic
         values["randomize_seed"] = False
     if "background" in values and "preserve_background" in names:
         values["preserve_background"] = values["background"] == PRESERVE_METHOD
-    left = sorted(set(recipe.settings) - set(values) - {"negative_prompt"})
+    if "decode" in recipe.settings and "fast_decode" in names:
+        values["fast_decode"] = recipe.settings["decode"] != "full"
+    left = sorted(set(recipe.settings) - set(values) - {"negative_prompt", "decode"})
     if left:
         notes.append(f"no widget here for {', '.join(left)} (the model's defaults apply)")
     return values, notes

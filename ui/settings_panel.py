@@ -18,11 +18,12 @@ from .limits import Limits
 
 MODEL_SETTINGS = ("num_inference_steps", "guidance_scale", "scheduler", "blend_start", "shrink", "mask_blur",
                   "background", "preserve_background", "inpainting_mask_weight",
-                  "negative_prompt")  # reset to a newly loaded model's defaults
+                  "negative_prompt", "fast_decode")  # reset to a newly loaded model's defaults
 
 
 def settings_widgets(defaults: EditConfig, limits: Limits) -> dict[str, gr.components.Component]:
-    """The Settings accordion's widgets, keyed by EditConfig field (plus `randomize_seed`, `preserve_background`)."""
+    """The Settings accordion's widgets, keyed by EditConfig field (plus `randomize_seed`, `preserve_background`,
+    `fast_decode`)."""
     w: dict[str, gr.components.Component] = {}
     w["num_candidates"] = gr.Slider(1, limits.max_candidates, step=1, label="Candidates",
                                     value=defaults.num_candidates)
@@ -49,6 +50,12 @@ def settings_widgets(defaults: EditConfig, limits: Limits) -> dict[str, gr.compo
              "into it. On, a copy of the decoder is fine-tuned for the edit, so the band comes out seamless and faces "
              "or text right next to the mask stay sharp; it adds about a third to a half of the edit's time on a GPU "
              "(much more on a CPU with Stable Diffusion).")
+    w["fast_decode"] = gr.Checkbox(
+        value=setting_of(defaults, "fast_decode"), label="Fast decode (tiny decoder)",
+        info="Decodes the candidates (and the live previews) with a tiny decoder, TAESD: about a tenth of the "
+             "full decoder's time on a CPU, slightly softer detail inside the mask. The photo outside the mask is "
+             "kept exactly either way. Preserve faces and text always decodes with the full decoder, which it "
+             "fine-tunes.")
     w["scheduler"] = gr.Dropdown(list(SCHEDULERS), value=defaults.scheduler, label="Scheduler")
     w["inpainting_mask_weight"] = gr.Slider(0.0, 1.0, step=0.05, value=defaults.inpainting_mask_weight,
                                             label="Inpainting mask weight (9-channel inpainting models only)",
@@ -63,6 +70,8 @@ def setting_of(defaults: EditConfig, name: str) -> Any:
     """The value a widget named `name` shows for `defaults` (`preserve_background`: the method it stands for)."""
     if name == "preserve_background":
         return defaults.background == PRESERVE_METHOD
+    if name == "fast_decode":
+        return defaults.decode != "full"
     return getattr(defaults, name)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,10 +46,43 @@ class LoadedModel:
     loras: tuple = ()  # LoraSpec per LoRA applied at load time, with its weight and the file's sha256
     vae: Optional[str] = None  # the VAE folder or file that replaced the checkpoint's own, if any
     family: str = ""  # "sdxl" (two text encoders, added conditions) or "sd" (SD 1.x / 2.x, the demo); set at load
+    # per model, dropped with it: recent encodes (blended.codec.EncodeCache) and tiny decoders by `decode` value
+    encodes: Any = field(default=None, repr=False, compare=False)
+    tiny_decoders: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        from ..codec import EncodeCache
+
         if not self.family:  # read once from the pipeline's parts, never tested again
             self.family = "sdxl" if getattr(self.pipe, "text_encoder_2", None) is not None else "sd"
+        self.encodes = self.encodes or EncodeCache()
+        self._tiny_lock = threading.Lock()
+
+    def tiny_decoder(self, spec: str) -> Any:
+        """The tiny decoder `decode` = `spec` names ("tiny" or a path; `blended.models.tiny`), loaded on first use
+        and kept (the last 2) with the model. A failed load raises `ModelLoadError` and keeps nothing (a path: the next
+        edit tries again), except that "tiny" remembers its failure (the hub is not asked again at every edit)."""
+        from .tiny import load_tiny_decoder
+
+        with self._tiny_lock:
+            if spec not in self.tiny_decoders:
+                try:
+                    self.tiny_decoders[spec] = load_tiny_decoder(spec, self)
+                except ModelLoadError as e:  # "tiny" from an unreachable hub: not tried again for this model
+                    if spec != "tiny":
+                        raise
+                    self.tiny_decoders[spec] = e
+                while len(self.tiny_decoders) > 2:
+                    self.tiny_decoders.pop(next(iter(self.tiny_decoders)))
+            found = self.tiny_decoders[spec]
+        if isinstance(found, ModelLoadError):
+            raise found
+        return found
+
+    def encode_cached(self, x: torch.Tensor, where: tuple = ()) -> tuple[torch.Tensor, bool]:
+        """(`encode(x)`, hit): from the model's encode cache when the same pixels at the same place (`where`: the
+        region's box and work size) were encoded by this VAE before."""
+        return self.encodes.encode(self.encode, x, self.pipe.vae, where)
 
     @property
     def is_inpainting(self) -> bool:
