@@ -243,6 +243,38 @@ class Editor:
             run.lap("load decoder")
         run.crop = composite_crop(run.decoding, run.cfg, run.masks, run.region, self.model.vae_scale_factor)
 
+    def _encode(self, run: _Run) -> tuple[torch.Tensor, Conditioning]:
+        """2. z_init, the source's latents (1, C, h/f, w/f), from the model's encode cache where the same pixels
+        were encoded before, and the text conditions."""
+        m, cfg = self.model, run.cfg
+        run.x_source = _to_tensor(run.image).to(m.device)  # (1, 3, H, W)
+        z_init = self._encode_cached(run, run.x_source)
+        cond = conditions(m, run.prompt, cfg.negative_prompt, cfg.guidance_scale, run.region.work_size)
+        run.lap("encode")
+        return z_init, cond
+
+    def _encode_cached(self, run: _Run, x: torch.Tensor) -> torch.Tensor:
+        """`x` (work-size pixels of `run.region`) encoded, or its latents from the model's encode cache."""
+        z, hit = self.model.encode_cached(x, (run.region.box, run.region.work_size))
+        run.encode_hits += hit
+        return z
+
+    def _latent_masks(self, run: _Run, cond: Conditioning) -> tuple[Any, list[torch.Tensor], Conditioning]:
+        """3. The timesteps after `blend_start` and one latent mask per step (soft thresholds, shrinking, the
+        core); a 9-channel UNet's conditioning gets the mask and the masked source (cached like the source)."""
+        m, cfg, work = self.model, run.cfg, run.work
+        timesteps = schedule(m.pipe, cfg.scheduler, cfg.num_inference_steps, loop_start(cfg))[2]
+        z_mask = latent_strength(work.strength, m.vae_scale_factor, cfg.latent_mask_mode)  # (1, 1, h, w)
+        if not z_mask.any():  # "core" of a mask too thin to have one
+            z_mask = latent_strength(work.strength, m.vae_scale_factor, "any")
+        z_core = latent_strength(work.strength * work.target, m.vae_scale_factor, "core")  # wholly inside the target
+        masks = mask_schedule(z_mask.to(m.device, m.dtype), len(timesteps), cfg.shrink_kernels, cfg.shrink,
+                              z_core.to(m.device, m.dtype), cfg.core_steps)
+        cond = inpaint_conditioning(m, cond, lambda x: self._encode_cached(run, x), run.x_source, work.support,
+                                    z_mask, cfg)
+        run.lap("encode")
+        return timesteps, masks, cond
+
     def _denoise(self, run: _Run, z_init: torch.Tensor, cond: Conditioning, masks: list[torch.Tensor], timesteps: Any,
                  preview: Optional[Preview], every: int) -> tuple[torch.Tensor, torch.Tensor, Optional[dict]]:
         """4-5. The blending loop, `batch_size` candidates at a time, each chunk decoded as it ends; the decoder's
