@@ -154,7 +154,7 @@ def test_recommendations_for_few_step_checkpoints(sd1_editor, lcm_editor):
     assert recommended_for_model(sd1_editor.model.source, pipe) == {}
     assert sd1_editor.defaults == EditConfig()
     assert recommended_for_model("any/name", lcm_editor.model.pipe) == {"scheduler": "lcm", "num_inference_steps": 4,
-                                                                        **FAST_DECODER}
+                                                                        **FAST_DECODER, "num_candidates": 8}
     fast = lcm_editor.defaults  # a few-step model's decoder fine-tuning: the fast recipe; demo-fast keeps the 75 steps
     assert (fast.decoder_blocks, fast.decoder_schedule, fast.decoder_steps) == (1, "linear", 100)
     assert Editor.load("demo-fast", device="cpu").defaults.decoder_blocks == 0
@@ -197,7 +197,7 @@ def test_app_defaults_and_cpu_banner_follow_a_few_step_model(lcm_editor):
     from ui.speed import cpu_notice
 
     text = cpu_notice(lcm_editor, lcm_editor.defaults, per_call=3.0)  # 3 s for a guided batch of 2
-    assert "4 candidates x 4 steps" in text and "about 24 s" in text  # 16 unguided rows x 1.5 s
+    assert "8 candidates x 4 steps" in text and "about 48 s" in text  # 32 unguided rows x 1.5 s
     demo = create_demo(lcm_editor, limits=Limits(), speed=None)
     sliders = {c["props"].get("label"): c["props"].get("value") for c in demo.config["components"]
                if c.get("type") == "slider"}
@@ -230,4 +230,4 @@ def test_demo_fast_edits_in_four_unguided_steps():
             assert analyse.analyse_region(top, mask)[0] == colour, prompt
     finally:
         handle.remove()
-    assert sum(rows) == 3 * 4 * 4
+    assert sum(rows) == 3 * 4 * 8  # 3 edits x 4 steps x demo-fast's 8 candidates
