@@ -6,7 +6,7 @@
 
 Limits come from the environment: BLENDED_MAX_UPLOAD_MB, BLENDED_MAX_PIXELS, BLENDED_MAX_CANDIDATES,
 BLENDED_MAX_STEPS, BLENDED_MAX_RESOLUTION, BLENDED_CONCURRENCY, BLENDED_MAX_QUEUE, BLENDED_MAX_MODELS,
-BLENDED_LINK_DAYS (see docs/app.md); the model picker lists BLENDED_MODELS_DIR (diffusers folders, .safetensors
+BLENDED_LINK_DAYS, BLENDED_MAX_SESSIONS, BLENDED_DECODE, BLENDED_CPU_SPACE (see docs/app.md); the model picker lists BLENDED_MODELS_DIR (diffusers folders, .safetensors
 checkpoints and LoRAs; docs/models.md), and each browser session's pick is loaded into the server's model cache.
 """
 
@@ -115,6 +115,7 @@ def main(argv=None) -> None:
     demo.queue(max_size=limits.max_queue, default_concurrency_limit=limits.concurrency)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share,
                 max_file_size=f"{limits.max_upload_mb}mb",
+                state_session_capacity=limits.max_sessions,  # sessions kept, least recently used dropped
                 allowed_paths=[str(ASSETS / "examples"), str(ASSETS / "photos")])
 
 

@@ -114,3 +114,29 @@ def plot(path: Path, series: dict[str, tuple[list, list]], xlabel: str, ylabel: 
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % Wilson score interval of a hit rate `hits / n`."""
+    if n == 0:
+        return 0.0, 0.0
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def write_doc_sections(name: str, title: str, sections: dict[str, str]) -> Path:
+    """Write docs/bench/<name>.md as `title` and named sections, keeping the sections already on disk that this
+    run did not produce (each section starts with a `<!-- section: key -->` line), so that parts of a bench can
+    be rerun alone."""
+    import re
+
+    path = ROOT / "docs" / "bench" / f"{name}.md"
+    old = {}
+    if path.exists():
+        parts = re.split(r"^<!-- section: (\S+) -->\n", path.read_text(), flags=re.M)
+        old = dict(zip(parts[1::2], parts[2::2]))
+    merged = {**old, **sections}
+    return write_doc(name, title.rstrip() + "\n\n"
+                     + "".join(f"<!-- section: {k} -->\n{v.strip()}\n\n" for k, v in merged.items()))

@@ -1,5 +1,5 @@
 """The app in its own process under load: `python app.py` on a free port, rushes of concurrent gradio_client users,
-the server's resident memory (bench/load.py's table, tests/test_load.py's checks)."""
+edits from fresh sessions, the server's resident memory (bench/load.py's tables, tests/test_load.py's checks)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 from . import ROOT
 
@@ -37,9 +38,14 @@ def free_port() -> int:
 
 @contextmanager
 def app_server(env: dict[str, str], model: str = "demo", timeout: float = 120.0):
-    """`python app.py --model MODEL` on a free port with extra environment `env`; yields (url, pid)."""
+    """`python app.py --model MODEL` on a free port with extra environment `env`; yields (url, pid).
+
+    The app gets a gradio cache of its own (GRADIO_TEMP_DIR, removed afterwards): gradio files an upload by its
+    content, and another app closing on this machine deletes the files it made, which may be this one's too."""
     port = free_port()
-    full_env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", **env)
+    cache = tempfile.TemporaryDirectory(prefix="blended-gradio-")
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+                "GRADIO_TEMP_DIR": cache.name, **env}
     # the app's log goes to a file, not a pipe: nobody reads a pipe while the app serves, and a full one
     # (64 KiB) would block the app's next write; BLENDED_APP_LOG keeps it for a look after a failure
     log_path = os.environ.get("BLENDED_APP_LOG")
@@ -65,6 +71,7 @@ def app_server(env: dict[str, str], model: str = "demo", timeout: float = 120.0)
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+        cache.cleanup()
 
 
 def settings(user: int, k: int) -> dict:
@@ -102,3 +109,45 @@ def rush(url: str, image: Path, mask: Path, users: int, edits: int) -> tuple[dic
     if errors or len(out) != users * edits:
         raise RuntimeError(f"{len(out)} of {users * edits} edits done; errors: {errors[:3]}")
     return out, time.perf_counter() - t0
+
+
+def fresh_sessions(url: str, image: Path, mask: Path, edits: int, threads: int = 2, first: int = 0,
+                   options: Optional[dict] = None) -> tuple[int, list[str], float]:
+    """`edits` edits, each from a new gradio_client session (a visitor who comes once, edits and leaves), from
+    `threads` threads at once; `first` numbers the first edit (its seed). Failures are counted, not raised.
+
+    Returns (edits done, one line per failure, seconds)."""
+    from gradio_client import Client, handle_file
+
+    lock = threading.Lock()
+    todo = iter(range(first, first + edits))
+    done: list[int] = []
+    errors: list[str] = []
+
+    def run_thread() -> None:
+        while True:
+            with lock:
+                k = next(todo, None)
+            if k is None:
+                return
+            client = None
+            try:
+                client = Client(url, verbose=False, download_files=False)
+                client.predict(handle_file(str(image)), handle_file(str(mask)), PROMPTS[k % len(PROMPTS)],
+                               {**settings(k, 0), **(options or {})}, api_name="/edit")
+                with lock:
+                    done.append(k)
+            except Exception as e:  # counted: the run goes on
+                with lock:
+                    errors.append(f"edit {k}: {e!r}"[:300])
+            finally:
+                if client is not None:
+                    client.close()  # the visitor leaves: its heartbeat ends (gradio marks the session closed)
+
+    t0 = time.perf_counter()
+    workers = [threading.Thread(target=run_thread) for _ in range(max(1, threads))]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    return len(done), errors, time.perf_counter() - t0

@@ -37,6 +37,11 @@ class ModelKey:
         return cls(loaded.name, tuple((str(l.path), float(l.weight)) for l in loaded.loras), loaded.vae,
                    prediction_type)
 
+    def __deepcopy__(self, memo: dict) -> "ModelKey":
+        """The key itself: it is immutable, so the copy gradio makes of a `gr.State`'s first value for every new
+        session shares it."""
+        return self
+
     def load_options(self) -> dict[str, Any]:
         """The keyword arguments of `load_model` / `Editor.load` besides the model."""
         return {"loras": [LoraSpec(path, weight) for path, weight in self.loras], "vae": self.vae,
