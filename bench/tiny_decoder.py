@@ -116,7 +116,9 @@ def report_table(results: dict) -> str:
 def about_decoder(folder: Path) -> str:
     """One line on the tiny decoder in `folder` from its train_report.json."""
     rep = json.loads((folder / "train_report.json").read_text())
-    val, dec = rep.get("val", {}), rep.get("decode", {})
+    if not rep.get("finished"):
+        return f"The tiny decoder: a checkpoint of an unfinished run ({rep.get('steps')} steps)."
+    val, dec = rep["val"], rep["decode"]
     first = rep.get("init_from")  # a second stage (tools/train_tiny_decoder.py --init)
     steps = f"{rep['steps']} steps in {rep['seconds'] / 60:.0f} min" + (
         f" after a first stage of {first['steps']} in {first['seconds'] / 60:.0f} min" if first else "")
