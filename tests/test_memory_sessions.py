@@ -85,3 +85,36 @@ def test_bench_load_fresh_sessions_quick():
     for label, edits, failed, seconds, rss, added in rows:
         assert int(failed) == 0 and 100 < float(rss) < 8000, label
     assert [int(r[1]) for r in rows] == [2, 4, 6] and re.fullmatch(r" [+-]\d+ ", rows[-1][5])
+
+
+def test_an_idle_selection_expires_and_the_other_states_stay(app_editor):  # noqa: F811
+    """The click selection's masks (two bytes a pixel: up to 32 MB a session for the largest picture) go once the
+    selection sits idle for SELECTION_TTL_S (gr.State's time_to_live, gradio's own expiry sweep); the session's
+    other states (model, results, history) are not touched, and the next access starts a new selection."""
+    import datetime
+
+    import gradio as gr
+    import numpy as np
+    from gradio.state_holder import StateHolder
+
+    from ui import Limits, create_demo
+    from ui.mask_panel import SELECTION_TTL_S, PanelState
+
+    demo = create_demo(app_editor, limits=Limits(), speed=None)
+    holder = StateHolder()
+    holder.set_blocks(demo)
+    states = {k: b for k, b in demo.blocks.items() if isinstance(b, gr.State)}
+    [selection] = [k for k, b in states.items() if isinstance(b.value, PanelState)]
+    assert states[selection].time_to_live == SELECTION_TTL_S
+    session = holder["visitor"]
+    session[selection] = PanelState(key="picture", base=np.ones((8, 8), bool), shown=np.ones((8, 8), bool))
+    others = [k for k in states if k != selection]
+    for k in others:
+        session[k] = f"kept {k}"
+    holder.delete_all_expired_state()  # not idle long enough: kept
+    assert session[selection].key == "picture"
+    ttl, when = session._state_ttl[selection]
+    session._state_ttl[selection] = (ttl, when - datetime.timedelta(seconds=SELECTION_TTL_S + 1))
+    holder.delete_all_expired_state()
+    assert session[selection].key == "" and session[selection].base is None
+    assert [session[k] for k in others] == [f"kept {k}" for k in others]

@@ -28,6 +28,8 @@ TINT = (255, 0, 255)  # the mask over the clickable picture: the editor's magent
 TINT_ALPHA = 0.45  # ... at this opacity
 POSITIVE, NEGATIVE, CORNER = (40, 200, 80), (230, 40, 40), (255, 210, 0)
 MODES = ("Add: part of the object", "Remove: not part of it")
+SELECTION_TTL_S = 30 * 60  # a selection idle this long is dropped (gr.State's time_to_live): its masks are two
+# bytes a pixel, up to 32 MB for the largest picture a server takes; the next click starts a new selection
 
 
 # -- state and logic (no gradio) ----------------------------------------------------------------
@@ -230,7 +232,7 @@ def build_mask_panel(image_editor: Any, segmenter: Any, limits: Limits, note: st
         multi = gr.Checkbox(label="Try three mask sizes, ranked together (candidates are split over them)",
                             value=False, elem_id="multi-mask")
         gr.Markdown(note or "", elem_id="segmenter-note")
-    state = gr.State(PanelState())
+    state = gr.State(PanelState(), time_to_live=SELECTION_TTL_S)
 
     def refresh(value: Optional[dict], st: PanelState) -> Any:
         """A new picture in the editor: show it with its mask and forget the old selection. gradio may send the
