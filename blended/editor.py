@@ -28,7 +28,7 @@ from .remove import loop_start, prefill_only, prefilled, removal_ranker
 from .result import Candidate, EditResult
 from .sampler import blend_loop
 from .schedulers import schedule, step_kwargs
-from .unet_call import Conditioning, conditions, inpaint_conditioning, make_denoise
+from .unet_call import TOKENIZER_LOCK, Conditioning, conditions, inpaint_conditioning, make_denoise
 
 __all__ = ["Candidate", "EditResult", "Editor", "Preview", "Progress", "is_out_of_memory"]
 
@@ -402,7 +402,8 @@ class Editor:
 
     def _prompt_notes(self, prompt: str) -> list[str]:
         tok = self.model.pipe.tokenizer
-        n = len(tok(prompt, truncation=False).input_ids)
+        with TOKENIZER_LOCK:  # not while another edit's encode_prompt has set the shared tokenizer's padding
+            n = len(tok(prompt, truncation=False).input_ids)
         if n > tok.model_max_length:
             return [f"the prompt is {n} tokens; the text encoder reads the first {tok.model_max_length}, "
                     "the rest was cut"]

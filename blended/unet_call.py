@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -63,8 +64,21 @@ def guidance_embedding(guidance_scale: float, dim: int, batch: int = 1, dtype: t
     return emb.to(dtype)
 
 
+# A model's tokenizer is shared by every edit in the process, and a fast (Rust) tokenizer is not safe to call from two
+# threads: each call first sets padding and truncation on the shared backend, so a concurrent call can encode with the
+# other's settings (transformers issue 47085). Seen in bench/load.py with two edits at once: a negative prompt padded
+# to "longest" (2 tokens) beside a prompt padded to the maximum length. Every use of the model's tokenizers holds it.
+TOKENIZER_LOCK = threading.RLock()
+
+
 def encode_prompt(model: Any, prompt: str, negative_prompt: str, guided: bool, size: tuple[int, int]) -> Conditioning:
-    """Text embeddings of `prompt` (negative first when `guided`) and SDXL's added conditions for a (W, H) `size`."""
+    """Text embeddings of `prompt` (negative first when `guided`) and SDXL's added conditions for a (W, H) `size`;
+    one encoding at a time in the process (`TOKENIZER_LOCK`)."""
+    with TOKENIZER_LOCK:
+        return _encode_prompt(model, prompt, negative_prompt, guided, size)
+
+
+def _encode_prompt(model: Any, prompt: str, negative_prompt: str, guided: bool, size: tuple[int, int]) -> Conditioning:
     pipe, dev = model.pipe, model.device
     if model.is_sdxl:
         emb, neg, pooled, neg_pooled = pipe.encode_prompt(

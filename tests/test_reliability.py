@@ -208,3 +208,55 @@ def test_the_app_tells_out_of_memory_by_its_type_and_keeps_serving(tmp_path):
         assert len(list(handler(data, None))[-1]) > 1  # the result: gallery, details, ...
     finally:
         demo.close()
+
+
+def test_every_use_of_the_models_tokenizer_holds_the_tokenizer_lock(sd1_editor, monkeypatch):
+    """A fast tokenizer is not thread-safe (each call sets padding and truncation on the shared backend first): two
+    edits at once once encoded a negative prompt padded to another call's length (bench/load.py, 1 edit in 800).
+    Every call the editor makes to the model's tokenizer, the prompt's encoding and the long-prompt note alike, holds
+    TOKENIZER_LOCK; and edits from two threads at once all succeed."""
+    import threading
+
+    from blended.unet_call import TOKENIZER_LOCK
+
+    pipe = sd1_editor.model.pipe
+    real, calls = pipe.tokenizer, []
+
+    def held_elsewhere() -> bool:  # whether another thread would have to wait for the lock now
+        got = []
+        t = threading.Thread(target=lambda: got.append(TOKENIZER_LOCK.acquire(blocking=False)))
+        t.start()
+        t.join()
+        if got[0]:
+            TOKENIZER_LOCK.release()
+        return not got[0]
+
+    class Watched:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def __call__(self, *args, **kwargs):
+            calls.append(held_elsewhere())
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipe, "tokenizer", Watched())
+    sd1_editor.edit(scene(W, H), MASK, "a red circle " * 30, num_candidates=1, num_inference_steps=2, rank=False)
+    assert len(calls) >= 3 and all(calls), calls  # the note's call and encode_prompt's (max length, then longest)
+    monkeypatch.setattr(pipe, "tokenizer", real)
+
+    errors = []
+
+    def edits(prompt: str) -> None:
+        for seed in range(6):
+            try:
+                sd1_editor.edit(scene(W, H), MASK, prompt, num_candidates=1, num_inference_steps=1, rank=False,
+                                seed=seed)
+            except Exception as e:  # noqa: BLE001  (any failure of a concurrent edit is the finding)
+                errors.append(repr(e)[:160])
+
+    threads = [threading.Thread(target=edits, args=(p,)) for p in ("a red circle", "a blue square " * 20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
