@@ -1,7 +1,10 @@
 """Distil a tiny decoder (a diffusers `AutoencoderTiny`, as TAESD) for the bundled demo VAE, CPU only.
 
     python -m tools.train_tiny_decoder --out assets/demo/vae_tiny --copy-to assets/demo-fast/vae_tiny \
-        --minutes 28 --data-cache /tmp/tiny_data.pt                     # the bundled run (issue 31)
+        --minutes 28 --data-cache /tmp/tiny_data.pt                     # the bundled run's first stage (issue 31)
+    python -m tools.train_tiny_decoder --init assets/demo/vae_tiny --out assets/demo/vae_tiny \
+        --copy-to assets/demo-fast/vae_tiny --minutes 25 --data-cache /tmp/tiny_data.pt --lr 0.001 \
+        --gen-fraction 0.75 --warmup 50                                 # its second stage: the bundled decoder
     python -m tools.train_tiny_decoder --out /tmp/vae_tiny --minutes 1 --n-scenes 512 --n-fast-edits 32 \
         --n-demo-edits 8 --n-val 64                                     # smoke test
 
